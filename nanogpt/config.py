@@ -1,0 +1,191 @@
+"""Typed schemas of the configuration groups, registered in Hydra's ConfigStore.
+
+Each YAML option in conf/<group>/ names its schema in its defaults list, so a misspelt key or a
+wrong type fails at composition, before any work. The entry point converts the composed
+DictConfig once (`to_train_config`); from there on the package sees plain dataclasses.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from nanogpt.model import GPTConfig
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class ConfigError(Exception):
+    """A setting or an input file is wrong. The message says what and how to fix it.
+
+    Raised inside the job function, so a multirun records that one job as failed and goes on;
+    only the command-line entry turns it into a one-line message and a non-zero exit."""
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "nanogpt.data.build_loader"
+    name: str = MISSING  # prepared data lives in <root>/<name>
+    root: str = "data"  # outside the run folders: runs share prepared data
+    source: list[str] = field(default_factory=list)  # text files or folders to tokenise
+    hf_dataset: str | None = None  # a Hugging Face dataset instead of files (openwebtext)
+    tokenizer: str = "char"  # char | a tiktoken encoding (gpt2)
+    val_fraction: float = 0.1  # the last 10% of the text is the validation split
+    batch_size: int = 12  # sequences per micro-step per rank
+    prefetch: bool = True  # build the next batch in a background thread while the step runs
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "nanogpt.optim.build_adamw"
+    learning_rate: float = 6e-4  # peak learning rate
+    weight_decay: float = 0.1  # on 2-D weights only; biases, norms and gains are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    fused: bool | None = None  # None: fused kernel where the device has one
+
+
+@dataclass
+class MuonConfig(AdamWConfig):
+    _target_: str = "nanogpt.optim.build_muon"
+    muon_learning_rate: float = 0.02  # for the 2-D hidden weights; AdamW's learning_rate for the rest
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+
+
+@dataclass
+class CosineScheduleConfig:
+    _target_: str = "nanogpt.optim.cosine_schedule"
+    decay_lr: bool = True  # False: constant learning rate after warmup
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000  # ~ max_iters per Chinchilla
+    min_lr: float = 1e-4  # ~ learning_rate / 10 per Chinchilla
+
+
+@dataclass
+class WSDScheduleConfig:
+    _target_: str = "nanogpt.optim.wsd_schedule"
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000  # the schedule ends here, like cosine's
+    decay_fraction: float = 0.2  # the last 20% of lr_decay_iters decay linearly to min_lr
+    min_lr: float = 0.0
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16/fp16 on CUDA, fp32 elsewhere)
+    compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
+    seed: int = 1337  # rank r seeds its dropout with seed + r
+    tf32: bool = True  # TF32 matmuls on Ampere and newer
+    backend: str = "auto"  # auto | nccl | gloo
+    nproc_per_node: int = 1  # >1: this job starts that many DDP workers itself
+    num_threads: int | None = None  # None: the CPUs this process may use / local ranks
+    dist_timeout_s: int = 300  # a collective waiting longer means a peer died: fail, don't hang
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb
+    project: str = "nanogpt"
+    entity: str | None = None
+    name: str | None = None  # None: the job name and its overrides
+    group: str | None = None  # None: the sweep folder in a multirun
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline | disabled
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = MISSING
+    optim: Any = MISSING  # AdamWConfig or MuonConfig
+    schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
+    system: SystemConfig = field(default_factory=SystemConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
+    max_iters: int = 2000
+    gradient_accumulation_steps: int = 1  # global micro-steps per iteration, divided among ranks
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 20  # batches per split and eval
+    eval_only: bool = False  # evaluate once and stop
+    eval_at_start: bool = False  # nanoGPT evaluates at iteration 0; off so big models start at once
+    log_interval: int = 10
+    always_save_checkpoint: bool = True  # False: also keep best.pt, the weights of the best val loss
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss or gradient norm does
+
+
+@dataclass
+class SampleConfig:
+    init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # <1 sharper, >1 more random
+    top_k: int | None = 200  # sample among the k likeliest tokens only
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    runs_root: str = "outputs"  # where the newest run is looked for
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(group="model", name="model_schema", node=GPTConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
+    cs.store(group="optim", name="muon_schema", node=MuonConfig)
+    cs.store(group="schedule", name="cosine_schema", node=CosineScheduleConfig)
+    cs.store(group="schedule", name="wsd_schema", node=WSDScheduleConfig)
+    cs.store(group="system", name="system_schema", node=SystemConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+# ${asset:name} -> a file shipped inside the package (Tiny Shakespeare), wherever it is installed
+OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
+register_configs()
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Resolve and convert the composed config once, then check what types cannot."""
+    try:
+        config = OmegaConf.to_object(cfg)
+        # GPTConfig checks its own invariants in __post_init__; the composed node skipped it
+        config.model = GPTConfig(**vars(config.model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    """Settings whose values, not types, are wrong. Each message says how to fix it."""
+    positive = {
+        "data.batch_size": c.data.batch_size,
+        "model.block_size": c.model.block_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "eval_iters": c.eval_iters,
+        "eval_interval": c.eval_interval,
+        "log_interval": c.log_interval,
+        "system.nproc_per_node": c.system.nproc_per_node,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if c.max_iters < 0:
+        raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
+    if c.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"nan_policy={c.nan_policy!r}: choose stop or skip")
+    if c.system.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"system.dtype={c.system.dtype!r}: choose auto, float32, bfloat16 or float16")
+    if c.logger.kind not in ("none", "wandb"):
+        raise ConfigError(f"logger.kind={c.logger.kind!r}: choose none or wandb")
+    if not 0 < c.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")

@@ -1,0 +1,102 @@
+"""Device, precision and peak throughput: what `system` resolves to on the machine at hand."""
+
+import contextlib
+import time
+from functools import lru_cache
+
+import torch
+
+from nanogpt.config import ConfigError, SystemConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# published dense bf16 tensor-core peaks, FLOP/s, by device-name fragment (most specific first)
+GPU_PEAK_BF16 = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+]
+
+
+def resolve_device(system: SystemConfig, local_rank: int = 0) -> torch.device:
+    name = system.device
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"system.device={system.device} but CUDA is not available here: use system=cpu or system=auto")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("system.device=mps but MPS is not available here: use system=auto")
+    if name not in ("cpu", "mps"):
+        raise ConfigError(f"system.device={system.device!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def resolve_dtype(system: SystemConfig, device: torch.device) -> torch.dtype:
+    if system.dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU and MPS stay fp32 (nanoGPT parity); bf16 on CPU is opt-in
+    dtype = DTYPES[system.dtype]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("system.dtype=bfloat16 but this GPU has no bf16: use system.dtype=float16")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("system.dtype=float16 is not supported on CPU: use bfloat16 or float32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_compile(system: SystemConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if system.compile is None else system.compile
+
+
+def cpu_has_bf16() -> bool:
+    """Hardware bf16 matrix support (AMX or AVX512-BF16); get_cpu_capability() does not tell."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@lru_cache
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from): published bf16 peak for known GPUs, else measured
+    with a large matmul in the run's dtype."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in GPU_PEAK_BF16:
+            if fragment in name:
+                return flops, f"published bf16 peak of {name}"
+    return measure_matmul_flops(device, dtype), f"measured {str(dtype).replace('torch.', '')} matmul"
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.3) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)

@@ -1,0 +1,135 @@
+"""Process roles for data parallelism, on torch.distributed.
+
+A training process is one of:
+- a rank that joins: started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT set), by this
+  module's own spawn, or one task of a multi-task `srun` step (a submitit job with
+  tasks_per_node > 1), whose rendezvous submitit's TorchDistributedEnvironment provides;
+- a launcher: `system.nproc_per_node > 1` in a plain process (a Hydra job, a multirun job, a
+  SLURM array task) starts that many ranks with PyTorch's elastic launcher and waits;
+- a single process.
+SLURM_PROCID/SLURM_NTASKS alone do not make a rank: a `sbatch -n2` batch script has them with
+no peers, so only an srun step (SLURM_STEP_NUM_TASKS > 1) joins.
+"""
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nanogpt.config import ConfigError, SystemConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def torchrun_env() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def srun_step_env() -> bool:
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+
+
+def is_rank_process() -> bool:
+    return torchrun_env() or srun_step_env()
+
+
+def setup(system: SystemConfig, device_type: str) -> DistInfo:
+    """Join the process group if this process is a rank; set its CPU threads either way."""
+    if not torchrun_env() and srun_step_env():
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if not torchrun_env():
+        info = DistInfo()
+    else:
+        info = DistInfo(
+            rank=int(os.environ["RANK"]),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
+    torch.set_num_threads(num_threads(system, info.local_world_size))
+    if info.enabled:
+        backend = system.backend if system.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=system.dist_timeout_s))
+    return info
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def num_threads(system: SystemConfig, local_world_size: int) -> int:
+    """CPU threads per rank: the CPUs this process may use, shared by the ranks on this node
+    (torchrun sets OMP_NUM_THREADS=1 for several ranks; the elastic API and submitit do not)."""
+    if system.num_threads:
+        return system.num_threads
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    sharing = 1 if srun_step_env() else local_world_size  # srun gives each task its own CPUs
+    return max(1, cpus // sharing)
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value of obj on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's obj, in rank order (on every rank)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def spawn(fn: Callable, args: tuple, nproc: int, system: SystemConfig):
+    """Run fn(*args) in nproc local ranks with PyTorch's elastic launcher; return rank 0's result.
+    A failing rank ends the others and raises ChildFailedError with its error."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"nanogpt-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.2,  # notice a dead rank within a fraction of a second
+        start_method="spawn",
+    )
+    if nproc > torch.cuda.device_count() and system.device.startswith("cuda"):
+        raise ConfigError(f"system.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices")
+    return elastic_launch(config, fn)(*args)[0]

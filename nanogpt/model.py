@@ -1,0 +1,247 @@
+"""The GPT language model: GPT-2 as in nanoGPT, plus the newer options of the modern recipe.
+
+Pure PyTorch: this file knows nothing about Hydra, files or training. Defaults are GPT-2's.
+References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), rotary embeddings (Su et al. 2021),
+QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model attends over
+    vocab_size: int | None = None  # None: taken from the data's vocabulary
+    vocab_pad_multiple: int = 1  # pad the vocabulary up to a multiple of this (64 gives GPT-2's 50304: faster matmuls)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a little better and faster
+    activation: str = "gelu"  # gelu (exact, nanoGPT) | gelu_tanh (Hugging Face GPT-2) | relu2
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos_emb: str = "learned"  # learned | rope
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # normalise queries and keys per head before attention
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c)
+    zero_init_proj: bool = False  # output projections start at zero: each block begins as the identity
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for key, allowed in (
+            ("activation", ("gelu", "gelu_tanh", "relu2")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("pos_emb", ("learned", "rope")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates pairs of query/key channels by position-dependent angles,
+    so q.k depends only on the distance between positions."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, nh, T, hs)
+        T = x.size(-2)
+        cos, sin = self.cos[offset : offset + T].to(x.dtype), self.sin[offset : offset + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        head_dim = config.n_embd // config.n_head
+        # key, query, value projections for all heads, in one batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = Rotary(head_dim, config.block_size, config.rope_base) if config.pos_emb == "rope" else None
+        self.q_norm = nn.RMSNorm(head_dim) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c_fc(x)
+        if self.activation == "relu2":
+            x = F.relu(x).square()
+        else:
+            x = F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size must be set (the trainer takes it from the data)")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=make_norm(config, config.n_embd),
+            )
+        )
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        self._init_residual_projections()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: Linear and Embedding weights N(0, 0.02), biases zero; norms keep ones/zeros."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _init_residual_projections(self) -> None:
+        """Projections into the residual stream: std 0.02/sqrt(2*n_layer) (GPT-2 paper), or zero."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, a tied head counted once. non_embedding drops the position embedding,
+        as nanoGPT does; the token embedding stays since it is the (tied) head."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, n_embd) broadcast
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+
+        if targets is None:
+            # inference: only the last position's logits are needed
+            return self._logits(x[:, [-1], :]), None
+        logits = self._logits(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.config.logit_softcap > 0:
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits.float() / c)
+        return logits
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context, e.g. to finetune GPT-2 (1024) with a shorter block."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            if block.attn.rotary is not None:
+                block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
+                block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
+        return self.flops_per_token() * tokens_per_second / peak_flops
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens tokens sampled one at a time."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

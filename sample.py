@@ -1,0 +1,68 @@
+"""Sample text from a trained run or from GPT-2.
+
+    python sample.py                                  # the newest run under outputs/
+    python sample.py init_from=outputs/2026-11-25/10-00-00 start="ROMEO:" num_samples=2
+    python sample.py init_from=gpt2 start="FILE:prompt.txt"
+"""
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from nanogpt.checkpoint import find_newest_run, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from nanogpt.cli import job, run_cli
+from nanogpt.config import ConfigError, SampleConfig, SystemConfig
+from nanogpt.device import autocast, resolve_device, resolve_dtype
+from nanogpt.model import GPTConfig
+from nanogpt.tokenizer import TiktokenTokenizer, tokenizer_from_meta
+
+
+def load_for_sampling(init_from: str | None, runs_root: str):
+    """(model, tokenizer) from a run folder, a checkpoint, or pretrained GPT-2 weights."""
+    if init_from is None:
+        run = find_newest_run(Path(runs_root))
+        if run is None:
+            raise ConfigError(f"no runs with a checkpoint under {runs_root}/: train first or pass init_from=<run folder>")
+        init_from = str(run)
+    path = Path(init_from).expanduser()
+    if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
+        state = load_checkpoint(resolve_checkpoint(path))
+        meta = state.get("meta") or {"tokenizer": "gpt2"}  # nanoGPT's own checkpoints: GPT-2 BPE
+        return model_from_checkpoint(state), tokenizer_from_meta(meta)
+    from nanogpt.pretrained import load_pretrained
+
+    model = load_pretrained(init_from, GPTConfig(block_size=1024))
+    return model, TiktokenTokenizer("gpt2")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@job
+def main(cfg) -> None:
+    c: SampleConfig = OmegaConf.to_object(cfg)
+    system = SystemConfig(device=c.device, dtype=c.dtype)
+    device = resolve_device(system)
+    ctx = autocast(device, resolve_dtype(system, device))
+    torch.manual_seed(c.seed)
+
+    model, tokenizer = load_for_sampling(c.init_from, c.runs_root)
+    model.eval().to(device)
+    if c.compile:
+        model = torch.compile(model)
+
+    start = Path(c.start[5:]).read_text() if c.start.startswith("FILE:") else c.start
+    try:
+        ids = tokenizer.encode(start)
+    except ValueError as e:
+        raise ConfigError(f"the prompt cannot be encoded with this run's vocabulary: {e}") from None
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    with torch.no_grad(), ctx:
+        for _ in range(c.num_samples):
+            y = model.generate(x, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k)
+            print(tokenizer.decode(y[0].tolist()))
+            print("---------------")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,34 @@
+"""Train a GPT.
+
+    python train.py                                   # the CPU recipe on the shipped Shakespeare
+    python train.py model=gpt2_small data=shakespeare_char
+    python train.py -m optim.learning_rate=3e-4,6e-4  # a sweep; add hydra/launcher=submitit_slurm
+    python train.py resume=outputs/2026-11-25/10-00-00
+    torchrun --standalone --nproc_per_node=2 train.py system.device=cpu
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from nanogpt.cli import job, launch, run_cli, run_info_from_hydra
+from nanogpt.config import to_train_config
+from nanogpt.rundir import RunInfo
+
+CONF = Path(__file__).parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@job
+def main(cfg: DictConfig) -> float:
+    return launch(to_train_config(cfg), run_info_from_hydra())
+
+
+def follow(cfg: DictConfig) -> float:
+    """torchrun ranks 1..N-1: rank 0 tells them the run folder."""
+    return launch(to_train_config(cfg), RunInfo(run_dir=""))
+
+
+if __name__ == "__main__":
+    run_cli(main, CONF, follow)
