@@ -1,0 +1,79 @@
+"""Shared fixtures: the real conf/ composed through Hydra's compose API, shrunk for a CPU, and
+subprocess runs of the real entry points."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# tiktoken downloads its BPE files on first use; offline machines point at a local copy
+_cache = ROOT.parent / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# a tiny model that trains in seconds on a CPU
+TINY = [
+    "model=tiny",
+    "system=cpu",
+    "data.batch_size=4",
+    "max_iters=20",
+    "eval_interval=10",
+    "eval_iters=2",
+    "log_interval=5",
+    "schedule.warmup_iters=5",
+]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Prepared data shared by the whole session (preparation is tested on its own)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def compose_cfg(*overrides: str, config_name: str = "config"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_config(data_root):
+    """A function: overrides -> TrainConfig of the tiny CPU run."""
+    from nanogpt.config import to_train_config
+
+    def make(*overrides: str):
+        return to_train_config(compose_cfg(*TINY, f"data.root={data_root}", *overrides))
+
+    return make
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300, check: bool = True):
+    """Run one of the project's scripts (train.py, sample.py, ...) as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def train_run(tmp_path, data_root):
+    """A function: overrides -> CompletedProcess of `python train.py` with the tiny CPU settings,
+    writing into tmp_path/run (or hydra.run.dir given in overrides)."""
+
+    def run(*overrides: str, run_dir: Path | None = None, **kwargs):
+        run_dir = run_dir or tmp_path / "run"
+        args = [*TINY, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides]
+        return run_script("train.py", *args, cwd=tmp_path, **kwargs)
+
+    return run
