@@ -1,0 +1,67 @@
+"""The GPT module: shapes, weight tying, GPT-2's parameter count, cropping, generation."""
+
+import pytest
+import torch
+
+from nanogpt.model import GPT, GPTConfig
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def test_forward_shapes_and_loss():
+    model = tiny()
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 50) and loss.ndim == 0
+    assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5  # near uniform at init
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 50) and loss is None  # inference: last position only
+
+
+def test_weight_tying():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+
+
+def test_gpt2_small_parameter_count():
+    with torch.device("meta"):  # no memory, no init cost
+        model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True))
+    # as Hugging Face counts GPT-2: tied head once, position embeddings included
+    assert model.get_num_params(non_embedding=False) == 124_439_808
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=8, n_head=4, n_embd=256))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.1)
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_crop_block_size_keeps_logits_on_a_prefix():
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 8))
+    before, _ = model(idx, idx)
+    model.crop_block_size(8)
+    after, _ = model(idx, idx)
+    assert model.config.block_size == 8 and model.transformer.wpe.weight.shape[0] == 8
+    torch.testing.assert_close(before, after)
+    with pytest.raises(ValueError):
+        model(torch.randint(0, 50, (1, 9)))
+
+
+def test_generate_extends_and_respects_top_k():
+    model = tiny().eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
+    assert out.shape == (2, 23)
+    assert torch.equal(out[0], out[1])  # top_k=1 is greedy: same prompt, same text
+
+
+def test_invalid_head_count_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
