@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt import checkpoint as ckpt
@@ -25,7 +26,7 @@ from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, 
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import set_lr
 from nanogpt.prepare import data_dir, load_meta, prepare
-from nanogpt.rundir import MetricsLog, RunInfo, provenance, write_status
+from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, write_status
 from nanogpt.tracking import build_tracker
 
 log = logging.getLogger("nanogpt")
@@ -35,9 +36,10 @@ class Interrupted(KeyboardInterrupt):
     """A signal stopped the run after a checkpoint. A BaseException, as KeyboardInterrupt is, so a
     sweep stops too instead of recording a failure and going on."""
 
-    def __init__(self, signum: int, resume_hint: str):
+    def __init__(self, signum: int, resume_hint: str, requeued: bool = False):
         super().__init__(f"stopped by {signal.Signals(signum).name}; {resume_hint}")
         self.signum = signum
+        self.requeued = requeued  # SLURM will start the job again: it resumes from the checkpoint
 
 
 class Diverged(ConfigError):
@@ -45,10 +47,12 @@ class Diverged(ConfigError):
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGUSR1 set a flag the loop reads at the next step boundary; a second
-    SIGINT raises at once. SIGUSR1 is SLURM's warning before a time limit or preemption."""
+    """SIGINT/SIGTERM/SIGUSR1/SIGUSR2 set a flag the loop reads at the next step boundary; a
+    second SIGINT raises at once. SIGUSR1/2 is SLURM's warning before a time limit or preemption
+    (submitit >= 1.5 asks for USR2, `sbatch --signal=USR1` is common too)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signum = 0
@@ -72,11 +76,16 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def pass_on(self) -> None:
-        """After our checkpoint, let submitit's own SIGUSR1 handler requeue the job."""
-        handler = self.previous.get(signal.SIGUSR1)
-        if self.signum == signal.SIGUSR1 and callable(handler):
-            handler(self.signum, None)
+    def pass_on(self) -> bool:
+        """After our checkpoint, hand a SLURM warning to the handler we took it from: submitit's
+        requeues the job (global rank 0 only) and exits. True when the job was requeued."""
+        handler = self.previous.get(self.signum)
+        if self.signum in self.WARNINGS and callable(handler):
+            try:
+                handler(self.signum, None)
+            except SystemExit:  # requeued; Interrupted ends this process the same way, with our status
+                return True
+        return False
 
 
 def train(config: TrainConfig, run: RunInfo) -> float:
@@ -84,25 +93,30 @@ def train(config: TrainConfig, run: RunInfo) -> float:
     device = resolve_device(config.system, 0)  # checks early; the rank's own device comes below
     dist = distributed.setup(config.system, device.type)
     status, error = "failed", None
+    if dist.is_main:  # before the other ranks learn the folder: any failure they record comes later
+        write_status(Path(run.run_dir), "running", iter=None)
     run_dir = Path(distributed.broadcast_object(run.run_dir, dist))
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     elif not logging.getLogger().handlers:  # a spawned rank 0: Hydra configured only its parent
         _log_to(run_dir / "train.log")
     try:
-        if dist.is_main:
-            write_status(run_dir, "running", iter=None)
         best = _train(config, run, run_dir, dist)
         status = "finished"
         return best
     except Interrupted as e:
-        status, error = "interrupted", str(e)
+        status, error = "preempted" if e.requeued else "interrupted", str(e)
         raise
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        if dist.is_main:
+        if status == "failed":
+            # the first rank to fail records its error before its teardown breaks the others'
+            # collectives: their vaguer errors ("connection closed by peer") must not overwrite it
+            if read_status(run_dir).get("status") != "failed":
+                write_status(run_dir, status, error=f"rank {dist.rank}: {error}" if dist.enabled else error)
+        elif dist.is_main:
             write_status(run_dir, status, error=error)
         distributed.teardown()
 
@@ -191,6 +205,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
     if dist.is_main:
         metrics = MetricsLog(run_dir, resume_iter=start_iter if state is not None else None)
         resume_id = state.get("wandb_id") if state is not None else None
+        log.info(f"config:\n{OmegaConf.to_yaml(config_dict).rstrip()}")
         tracker = build_tracker(config.logger, config_dict, run, resume_id)
         log.info(
             f"run folder {run_dir}\n"
@@ -271,8 +286,8 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                     save(it, run_dir / ckpt.LAST)
                     log.warning(f"checkpoint saved at iteration {it}; {resume_hint}")
                     stop.signum = stop.signum or int(stop_now.item())
-                    stop.pass_on()
-                    raise Interrupted(stop.signum, resume_hint)
+                    requeued = stop.pass_on()
+                    raise Interrupted(stop.signum, "requeued, resumes by itself" if requeued else resume_hint, requeued)
 
                 # the step: accumulate micro-batches, then clip and update
                 t_step = time.perf_counter()
@@ -308,7 +323,9 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                 train_time += time.perf_counter() - t_step
 
                 if (it + 1) % config.log_interval == 0 or it == start_iter:
-                    loss_f = loss_acc.item()  # rank 0's loss, as nanoGPT prints it
+                    if dist.enabled:  # the global mean, comparable with a single process's
+                        distributed.all_reduce(loss_acc)  # gloo has no AVG
+                    loss_f = loss_acc.item() / dist.world_size
                     now = time.perf_counter()
                     n = it + 1 - it_log
                     dt = (now - t_log) / max(n, 1)
@@ -333,9 +350,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
         if metrics:
             metrics.close()
         if tracker:
-            if exit_code == 0:
-                tracker.run.summary["best_val_loss"] = best_val
-            tracker.finish(exit_code)
+            tracker.finish(exit_code, summary={"best_val_loss": best_val})
     return best_val
 
 
