@@ -33,9 +33,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"could not save checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ConfigError(f"could not save checkpoint {path} ({reason}): is the disk full? The previous checkpoint is intact") from None
 
 
 def _test_pause(path: Path) -> None:

@@ -148,8 +148,16 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
+def _fast_cpu_dtype() -> str:
+    from nanogpt.device import cpu_has_bf16  # imported here: nanogpt.device imports this module
+
+    return "bfloat16" if cpu_has_bf16() else "float32"
+
+
 # ${asset:name} -> a file shipped inside the package (Tiny Shakespeare), wherever it is installed
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
+# ${fast_cpu_dtype:} -> bfloat16 where the CPU multiplies bf16 in hardware, else float32 (system=cpu_fast)
+OmegaConf.register_new_resolver("fast_cpu_dtype", _fast_cpu_dtype, replace=True)
 register_configs()
 
 

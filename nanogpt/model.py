@@ -80,8 +80,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = Rotary(head_dim, config.block_size, config.rope_base) if config.pos_emb == "rope" else None
-        self.q_norm = nn.RMSNorm(head_dim) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim) if config.qk_norm else None
+        # QK-norm with the model's norm: LayerNorm as Dehghani et al., RMSNorm as modded-nanogpt
+        self.q_norm = make_norm(config, head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, head_dim) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()

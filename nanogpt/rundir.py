@@ -52,12 +52,13 @@ def read_status(run_dir: Path) -> dict:
 
 class MetricsLog:
     """Appends JSON lines; on resume, first drops the lines past the checkpoint's iteration so
-    the file never holds two histories."""
+    the file never holds two histories. "iter" counts completed iterations: a train line at
+    iter n follows the n-th step, an eval line at n sees the weights after n steps."""
 
     def __init__(self, run_dir: Path, resume_iter: int | None = None):
         self.path = Path(run_dir) / METRICS
         if resume_iter is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) < resume_iter]
+            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) <= resume_iter]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
 

@@ -1,11 +1,12 @@
 """Experiment trackers, picked by the `logger` group. Only rank 0 has one.
 
 wandb is imported only when used (it costs ~0.4 s at start-up). A tracker failure never stops a
-run: it warns once, falls back to offline (or to nothing) and training goes on.
+run: it warns once, falls back to offline (or to nothing) and training goes on; metrics.jsonl in
+the run folder has every record either way.
 """
 
 import logging
-import os
+import math
 from pathlib import Path
 
 from nanogpt.config import LoggerConfig
@@ -15,44 +16,32 @@ log = logging.getLogger("nanogpt")
 
 
 class WandbTracker:
-    def __init__(self, cfg: LoggerConfig, config: dict, run: RunInfo, resume_id: str | None):
-        import wandb
+    """A started wandb run: log() takes metrics.jsonl records, with "iter" as the step metric."""
 
-        self.wandb = wandb
-        kwargs = dict(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=cfg.name or run_name(run),
-            group=cfg.group or (Path(run.sweep_dir).name if run.sweep_dir else None),
-            tags=list(cfg.tags),
-            config=config,
-            dir=run.run_dir,
-            id=resume_id,
-            resume="allow",  # a resumed run continues the same wandb run
-        )
-        try:
-            self.run = wandb.init(mode=cfg.mode, **kwargs)
-        except Exception as e:
-            if cfg.mode != "online":
-                raise
-            log.warning(f"wandb could not start online ({type(e).__name__}: {e}); logging offline instead")
-            self.run = wandb.init(mode="offline", **kwargs)
-        self.run.define_metric("iter")
-        self.run.define_metric("*", step_metric="iter")
-        self.run_id = self.run.id
+    def __init__(self, run):
+        self.run = run
+        self.run_id = run.id  # kept in the checkpoint, so a resumed run continues this one
         self.failed = False
+        # charts against our iteration rather than log(step=it): a resumed run re-logs the
+        # iterations after its checkpoint, and wandb drops a step lower than one it has seen
+        run.define_metric("iter")
+        run.define_metric("*", step_metric="iter")
 
-    def log(self, metrics: dict) -> None:
+    def log(self, record: dict) -> None:
         if self.failed:
             return
         try:
-            self.run.log(metrics)
+            self.run.log({k: v for k, v in record.items() if k != "kind"})  # kind: the keys say it
         except Exception as e:
             self.failed = True
             log.warning(f"wandb logging failed ({type(e).__name__}: {e}); metrics.jsonl still has everything")
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: int = 0, summary: dict | None = None) -> None:
+        """End the run; summary adds values wandb's last-logged ones don't give (best_val_loss)."""
         try:
+            for k, v in (summary or {}).items():
+                if not (isinstance(v, float) and not math.isfinite(v)):  # inf: no eval happened
+                    self.run.summary[k] = v
             self.run.finish(exit_code=exit_code)
         except Exception as e:
             log.warning(f"wandb finish failed ({type(e).__name__}: {e})")
@@ -63,12 +52,42 @@ def run_name(run: RunInfo) -> str:
     return " ".join([run.job_name, *run.overrides]) if run.overrides else f"{run.job_name} {Path(run.run_dir).name}"
 
 
-def build_tracker(cfg: LoggerConfig, config: dict, run: RunInfo, resume_id: str | None):
+def build_tracker(cfg: LoggerConfig, config: dict, run: RunInfo, resume_id: str | None) -> WandbTracker | None:
+    """The tracker cfg asks for, or None. An online start that fails (no network, no key) falls
+    back to offline; one warning says what happened."""
     if cfg.kind != "wandb" or cfg.mode == "disabled":
         return None
-    os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        return WandbTracker(cfg, config, run, resume_id)
-    except Exception as e:
+        import wandb
+    except Exception as e:  # declared, but a broken install must not stop a run
         log.warning(f"wandb is off for this run ({type(e).__name__}: {e}); metrics.jsonl still has everything")
         return None
+    kwargs = dict(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or run_name(run),
+        # the sweep folder's last two parts, e.g. 2026-11-25/10-00-00
+        group=cfg.group or ("/".join(Path(run.sweep_dir).parts[-2:]) if run.sweep_dir else None),
+        tags=list(cfg.tags),
+        config=config,
+        dir=run.run_dir,  # its files live in <run folder>/wandb
+        id=resume_id,
+        resume="allow" if resume_id else None,
+        settings=wandb.Settings(silent=True),  # our own line below says where the run is
+    )
+    errors = {}
+    for mode in dict.fromkeys([cfg.mode, "offline"]):
+        try:
+            tracker = WandbTracker(wandb.init(mode=mode, **kwargs))
+        except Exception as e:
+            errors[mode] = f"{type(e).__name__}: {e}"
+            continue
+        if errors:
+            log.warning(f"wandb could not start {cfg.mode} ({errors[cfg.mode]}); logging offline instead")
+        if tracker.run.offline:
+            log.info(f"wandb run {tracker.run_id} is offline; upload it with: wandb sync {tracker.run.settings.sync_dir}")
+        else:
+            log.info(f"wandb run {tracker.run_id}: {tracker.run.url}")
+        return tracker
+    log.warning(f"wandb is off for this run ({'; '.join(f'{m}: {e}' for m, e in errors.items())}); metrics.jsonl still has everything")
+    return None

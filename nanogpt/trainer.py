@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -175,10 +176,10 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
     ddp_model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else model
 
     # 4) optimizer, schedule, loss scaling, batches
-    optimizers = instantiate(config.optim, model=raw_model, device_type=device.type)
-    lr_scale = instantiate(config.schedule, learning_rate=config.optim.learning_rate)
+    optimizers = build(config.optim, model=raw_model, device_type=device.type)
+    lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loader = instantiate(
+    loader = build(
         config.data,
         block_size=model_config.block_size,
         device=device,
@@ -256,14 +257,15 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
         with StopSignals() as stop:
             for it in range(start_iter, config.max_iters + 1):
                 last_step = it == config.max_iters
-                if config.nan_policy == "stop" and (it % config.log_interval == 0 or last_step) and bad_iter.item() >= 0:
+                evaluate = config.eval_only or last_step or (
+                    it % config.eval_interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start))
+                )
+                # checked without a per-step device sync: on log steps, and before anything is saved
+                if (evaluate or it % config.log_interval == 0) and bad_iter.item() >= 0:
                     raise Diverged(
                         f"non-finite loss or gradient norm at iteration {bad_iter.item()}: lower optim.learning_rate, "
                         "raise warmup, or set nan_policy=skip"
                     )
-                evaluate = config.eval_only or last_step or (
-                    it % config.eval_interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start))
-                )
                 if evaluate:
                     losses = estimate_loss(model, loader, config.eval_iters, ctx)
                     if dist.is_main:
@@ -314,7 +316,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                         opt.zero_grad(set_to_none=True)
                     scaler.update()
                 else:
-                    bad_iter = torch.where((bad_iter < 0) & ~finite, torch.tensor(it, device=device), bad_iter)
+                    bad_iter = torch.where((bad_iter < 0) & ~finite, torch.tensor(it + 1, device=device), bad_iter)
                     for opt in optimizers:
                         scaler.step(opt)
                     scaler.update()
@@ -352,6 +354,17 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
         if tracker:
             tracker.finish(exit_code, summary={"best_val_loss": best_val})
     return best_val
+
+
+def build(node, **runtime):
+    """hydra.utils.instantiate of a group's `_target_`, with runtime dependencies as keywords;
+    our own errors come through unwrapped so they stay one clear line."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def _initial_state(config: TrainConfig, run_dir: Path, meta: dict) -> dict | None:

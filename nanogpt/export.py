@@ -1,0 +1,147 @@
+"""A run as a Hugging Face GPT-2 folder, which `transformers.GPT2LMHeadModel.from_pretrained` opens.
+
+    python -m nanogpt.export <run folder | checkpoint> <out folder>
+
+Writes config.json, model.safetensors and, when the run used the GPT-2 BPE, GPT-2's own tokenizer
+files (vocab.json, merges.txt). The run's best.pt is taken when there is one, else ckpt.pt.
+A run without biases exports zero biases (Hugging Face's GPT-2 always has them); settings GPT-2
+cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refused.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from nanogpt.config import ConfigError
+from nanogpt.model import GPT
+from nanogpt.pretrained import HF_EXTRA, conv1d_weights
+
+HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}  # GPT-2 itself: gelu_new
+# tiktoken's gpt2 encoding is built from OpenAI's original GPT-2 files, which are exactly
+# Hugging Face's vocab.json and merges.txt; tiktoken caches them (TIKTOKEN_CACHE_DIR) by URL
+GPT2_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+GPT2_FILES = {  # file name here: (file name there, its sha256 as tiktoken checks it)
+    "vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+EOT = 50256  # <|endoftext|>
+
+
+def unsupported(model: GPT) -> list[str]:
+    """Settings of the model that Hugging Face's GPT-2 cannot express."""
+    c = model.config
+    found = {"norm": c.norm != "layernorm", "pos_emb": c.pos_emb != "learned", "qk_norm": c.qk_norm,
+             "logit_softcap": c.logit_softcap > 0}
+    return [f"model.{k}={getattr(c, k)!r}" for k, bad in found.items() if bad]
+
+
+def hf_config(model: GPT, gpt2_bpe: bool) -> dict:
+    c = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,  # as trained: 50304 for a padded GPT-2 vocabulary
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,  # older readers take the context from here
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": HF_ACTIVATION[c.activation],
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "layer_norm_epsilon": 1e-5,  # torch's LayerNorm default, which ours use
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": EOT if gpt2_bpe else None,
+        "eos_token_id": EOT if gpt2_bpe else None,
+    }
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our tensors under Hugging Face's names and layout: Conv1D weights transposed, zeros for the
+    biases a bias-free model lacks, the LM head only when it is not tied to the token embedding."""
+    transposed = conv1d_weights(model)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head":
+            w = module.weight.detach()
+            out[f"{name}.weight"] = w.t() if f"{name}.weight" in transposed else w
+            bias = module.bias.detach() if module.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            out[f"{name}.bias"] = bias
+    out["transformer.wte.weight"] = model.transformer.wte.weight.detach()
+    out["transformer.wpe.weight"] = model.transformer.wpe.weight.detach()
+    if not model.config.tie_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight.detach()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as Hugging Face reads it: OpenAI's own files, from tiktoken's cache."""
+    import tiktoken.load  # reads TIKTOKEN_CACHE_DIR, or downloads on first use
+
+    files = {}
+    for name, (source, sha256) in GPT2_FILES.items():
+        try:
+            files[name] = tiktoken.load.read_file_cached(GPT2_BPE + source, sha256)
+        except Exception as e:  # no network and no cached copy
+            raise ConfigError(
+                f"could not get GPT-2's tokenizer file {source} ({type(e).__name__}): "
+                "offline, point TIKTOKEN_CACHE_DIR at tiktoken's cache, as for preparing the data"
+            ) from None
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size}
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    return files
+
+
+def export(run: Path, out: Path) -> list[str]:
+    """Write the run's model into out as a Hugging Face GPT-2 folder; return the files written."""
+    path = resolve_checkpoint(Path(run))
+    state = load_checkpoint(path)
+    if "model_args" not in state or "model" not in state:
+        raise ConfigError(f"{path} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
+    model = model_from_checkpoint(state)
+    bad = unsupported(model)
+    if bad:
+        raise ConfigError(f"cannot export {path} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConfigError(f"export needs safetensors: {HF_EXTRA}") from None
+
+    gpt2_bpe = (state.get("meta") or {}).get("tokenizer") == "gpt2"
+    files = {"config.json": (json.dumps(hf_config(model, gpt2_bpe), indent=2) + "\n").encode()}
+    if gpt2_bpe:
+        files |= gpt2_tokenizer_files(model.config.block_size)  # before writing anything: it may fail offline
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    save_file(hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})  # transformers wants "pt"
+    return [*files, "model.safetensors"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nanogpt.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a run folder (its best.pt, else ckpt.pt) or a checkpoint file")
+    parser.add_argument("out", type=Path, help="the folder to write; created if needed")
+    args = parser.parse_args(argv)
+    try:
+        written = export(args.run, args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {', '.join(written)} to {args.out}")
+    if "vocab.json" not in written:
+        print("no tokenizer files: the run's vocabulary is not the GPT-2 BPE")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""wandb tracking of a real tiny run (offline), its resume, its failures; the console and metrics.jsonl."""
+
+import json
+import logging
+import struct
+
+import pytest
+
+from nanogpt.config import LoggerConfig
+from nanogpt.rundir import RunInfo, read_metrics
+from nanogpt.tracking import WandbTracker, build_tracker
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # wandb keys are 40 hex characters
+WANDB = ["logger=wandb", "logger.mode=offline"]
+
+
+def wandb_records(path):
+    """The protobuf records of a .wandb file: a LevelDB-style log (wandb's own format) of 32 KiB
+    blocks holding chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) after a 7-byte header."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunks = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def offline_run(path) -> dict:
+    """id, config, final summary and history rows of one offline-run-* folder."""
+    (file,) = path.glob("run-*.wandb")
+    run = {"id": None, "config": {}, "summary": {}, "history": []}
+    for r in wandb_records(file):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run["id"] = r.run.run_id
+            run["config"] = {u.key: json.loads(u.value_json) for u in r.run.config.update}
+        elif kind == "summary":
+            for u in r.summary.update:
+                run["summary"][u.key or "/".join(u.nested_key)] = json.loads(u.value_json)
+        elif kind == "history":
+            run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return run
+
+
+def files_containing(folder, text: str) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_has_config_summary_and_resumes_the_same_run(train_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train_run(*WANDB, env={"WANDB_API_KEY": FAKE_KEY})
+
+    # console: the composed config as YAML, then readable progress lines (also in train.log)
+    assert "config:\nmodel:\n  block_size: 32" in proc.stdout
+    assert "iter 20/20: loss" in proc.stdout and "tok/s" in proc.stdout and "mfu" in proc.stdout and "eta" in proc.stdout
+    assert "\r" not in proc.stdout
+    assert "config:\nmodel:" in (run_dir / "train.log").read_text()
+
+    # metrics.jsonl: the documented keys, iterations in order
+    records = read_metrics(run_dir)
+    train_keys = {"iter", "kind", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu", "tokens", "train_time_s"}
+    assert all(set(r) == train_keys for r in records if r["kind"] == "train")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert all(set(r) == {"iter", "kind", "train_loss", "val_loss", "tokens", "train_time_s"} for r in evals)
+    iters = [r["iter"] for r in records]
+    assert iters == sorted(iters) and iters[-1] == 20
+
+    (first,) = (run_dir / "wandb").glob("offline-run-*")
+    run = offline_run(first)
+    assert {"model", "data", "optim", "schedule", "system", "logger", "max_iters"} <= set(run["config"])
+    assert run["config"]["model"]["n_layer"] == 2 and run["config"]["max_iters"] == 20
+    assert run["summary"]["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert run["summary"]["train_loss"] == pytest.approx(evals[-1]["train_loss"])
+    assert run["summary"]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
+    assert [h["iter"] for h in run["history"]] == iters
+    assert not any("kind" in h for h in run["history"])  # a string column would only clutter wandb
+
+    # resume in the same folder: the checkpoint's wandb id continues the same run
+    train_run(*WANDB, "max_iters=30", env={"WANDB_API_KEY": FAKE_KEY})
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    resumed = offline_run(folders[1])
+    assert resumed["id"] == run["id"]
+    assert [h["iter"] for h in resumed["history"]][-1] == 30
+    assert files_containing(run_dir, FAKE_KEY) == []  # the API key never lands in the run folder
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_start_online_warns_once_and_training_goes_on(train_run, tmp_path, monkeypatch):
+    # no key anywhere (a fresh HOME and config dir) and an unreachable server: wandb.init fails
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"}
+    proc = train_run("logger=wandb", "logger.mode=online", env=env)
+    assert "iter 20/20: loss" in proc.stdout
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("wandb could not start online") == 1
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))  # the offline fallback
+
+
+def test_init_failure_in_every_mode_gives_no_tracker_and_one_warning(monkeypatch, tmp_path, caplog):
+    import wandb
+
+    def fail(**kwargs):
+        raise RuntimeError("no wandb today")
+
+    monkeypatch.setattr(wandb, "init", fail)
+    with caplog.at_level(logging.WARNING, logger="nanogpt"):
+        tracker = build_tracker(LoggerConfig(kind="wandb", mode="online"), {}, RunInfo(str(tmp_path)), None)
+    assert tracker is None
+    assert len(caplog.records) == 1
+    assert "online: RuntimeError: no wandb today; offline: RuntimeError" in caplog.text
+
+
+def test_a_failing_log_call_warns_once_and_later_calls_are_skipped(caplog):
+    class BrokenRun:
+        id = "abc"
+        calls = 0
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, metrics):
+            BrokenRun.calls += 1
+            raise OSError("wandb-core went away")
+
+    tracker = WandbTracker(BrokenRun())
+    with caplog.at_level(logging.WARNING, logger="nanogpt"):
+        tracker.log({"iter": 1, "loss": 4.0})
+        tracker.log({"iter": 2, "loss": 3.9})
+    assert BrokenRun.calls == 1 and len(caplog.records) == 1
+
+
+def test_logger_none_and_disabled_build_no_tracker(tmp_path):
+    run = RunInfo(str(tmp_path))
+    assert build_tracker(LoggerConfig(kind="none"), {}, run, None) is None
+    assert build_tracker(LoggerConfig(kind="wandb", mode="disabled"), {}, run, None) is None
