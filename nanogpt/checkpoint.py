@@ -94,9 +94,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def strip_prefixes(state_dict: dict) -> dict:
-    """Drop the wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) from parameter names."""
+    """Drop the wrappers' prefixes (torch.compile's _orig_mod., DDP's module.) from parameter names,
+    and the causal-mask buffers (`attn.bias`) that nanoGPT saved before PyTorch 2.0."""
     out = {}
     for k, v in state_dict.items():
+        if k.endswith(".attn.bias"):
+            continue
         for prefix in ("_orig_mod.", "module."):
             while k.startswith(prefix):
                 k = k[len(prefix) :]

@@ -5,6 +5,7 @@ as failed and goes on; for a single run they become one line on stderr and exit 
 outside the job. A signal-stopped run exits with 128 + the signal's number.
 """
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -90,7 +91,7 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
     same config with Hydra's compose API and call follower: no run folder or logs of their own."""
     sys.argv = expand_resume(sys.argv)
     try:
-        if follower is not None and distributed.torchrun_env() and int(__import__("os").environ["RANK"]) > 0:
+        if follower is not None and distributed.torchrun_env() and int(os.environ["RANK"]) > 0:
             from hydra import compose, initialize_config_dir
 
             with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base="1.3"):
