@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from nanogpt.cli import job, launch, run_cli, run_info_from_hydra
 from nanogpt.config import to_train_config
 from nanogpt.rundir import RunInfo
+from nanogpt.sweep import write_pending
 
 CONF = Path(__file__).parent / "conf"
 
@@ -31,4 +32,7 @@ def follow(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(main, CONF, follow)
+    try:
+        run_cli(main, CONF, follow)
+    finally:
+        write_pending()  # the sweep summary: Hydra skips on_multirun_end when a job failed

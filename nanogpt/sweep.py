@@ -1,0 +1,145 @@
+"""Sweep summaries: one row per job of a multirun, built from the jobs' own files.
+
+Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
+with its error, interrupted, preempted) and metrics.jsonl (losses, speed). The summary is
+summary.csv in the sweep folder plus a printed table, best val loss first. It is written
+
+- by SweepSummary.on_multirun_end, when every job returned;
+- by write_pending() in train.py's `finally`: Hydra skips on_multirun_end when a job failed
+  (the sweeper re-raises the first failure, the submitit launcher raises for a job that died);
+- on demand, for any sweep folder, finished or still running:
+      python -m nanogpt.sweep multirun/2026-11-25/10-00-00
+"""
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from nanogpt.rundir import read_metrics, read_status, write_status
+from nanogpt.runs import describe
+
+SUMMARY = "summary.csv"
+COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", "overrides", "error"]
+
+_NO_ERROR = {  # what a status without an error message means
+    "unknown": "no status.json: the job stopped before training (see its log)",
+    "crashed": "its process is gone without a status (killed? out of memory?)",
+}
+_pending: set[Path] = set()  # sweeps started in this process and not summarised yet
+
+
+class SweepSummary(Callback):
+    """Hydra callback, registered under hydra.callbacks in conf/config.yaml."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        sweep_dir.mkdir(parents=True, exist_ok=True)  # a sweeper may store files before any job: Optuna's study
+        _pending.add(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_pending()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """A job that failed before training started (a wrong setting) has no status.json:
+        record its error there so the summary shows it. Runs with the job, on its node."""
+        run_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED and not read_status(run_dir):
+            error = job_return._return_value  # the public property re-raises it
+            write_status(run_dir, "failed", error=f"{type(error).__name__}: {error}")
+
+
+def write_pending() -> None:
+    """Summarise the sweeps this process started and has not summarised yet."""
+    while _pending:
+        print(write_summary(_pending.pop()))
+
+
+def write_summary(sweep_dir: Path) -> str:
+    """Write <sweep_dir>/summary.csv; return the table to print."""
+    rows = summarize(Path(sweep_dir))
+    with open(Path(sweep_dir) / SUMMARY, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "overrides": " ".join(row["overrides"])})
+    return f"sweep {sweep_dir}: {len(rows)} jobs, summary in {SUMMARY}\n{format_table(rows)}"
+
+
+def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder (any folder where Hydra saved a job's overrides), best val loss first."""
+    rows = [job_row(p.parent.parent, sweep_dir) for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    return sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0.0, _natural(r["job"])))
+
+
+def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    run = describe(job_dir)  # status (crashed when its process is gone), iterations, best val loss, overrides
+    status = read_status(job_dir)
+    metrics = read_metrics(job_dir)
+    val = [m["val_loss"] for m in metrics if m.get("kind") == "eval"]
+    speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
+    end = time.time() if run.status == "running" else status.get("time", run.started)
+    return {
+        "job": str(job_dir.relative_to(sweep_dir)),
+        "status": run.status,
+        "best_val_loss": run.best_val_loss,
+        "final_val_loss": val[-1] if val else None,
+        "iters": run.iters,
+        "tokens_per_s": statistics.median(speed) if speed else None,
+        "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait
+        "overrides": run.overrides,
+        "error": status.get("error") or _NO_ERROR.get(run.status, ""),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table; overrides shared by every job are left out: they are not what was swept."""
+    common = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    header = ["job", "overrides", "status", "best val", "final val", "iters", "tok/s", "wall", "error"]
+    table = [header] + [
+        [
+            r["job"],
+            " ".join(o for o in r["overrides"] if o not in common),
+            r["status"],
+            _fmt(r["best_val_loss"], ".4f"),
+            _fmt(r["final_val_loss"], ".4f"),
+            str(r["iters"]),
+            _fmt(r["tokens_per_s"], ",.0f"),
+            f"{r['wall_s']:.0f}s",
+            r["error"][:80],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _natural(job: str) -> list[str]:
+    """Job folders 2 before 10."""
+    return [part.zfill(9) if part.isdigit() else part for part in Path(job).parts]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanogpt.sweep", description="Summarise a sweep folder: summary.csv and a table."
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the multirun folder, e.g. multirun/2026-11-25/10-00-00")
+    args = parser.parse_args(argv)
+    if not any(args.sweep_dir.glob("**/.hydra/overrides.yaml")):
+        sys.exit(f"error: no job folders in {args.sweep_dir}")
+    print(write_summary(args.sweep_dir))
+
+
+if __name__ == "__main__":
+    main()
