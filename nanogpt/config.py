@@ -79,6 +79,7 @@ class SystemConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16/fp16 on CUDA, fp32 elsewhere)
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
     seed: int = 1337  # rank r seeds its dropout with seed + r
+    deterministic: bool = False  # bit-identical across processes; compiled CPU kernels otherwise add atomically
     tf32: bool = True  # TF32 matmuls on Ampere and newer
     backend: str = "auto"  # auto | nccl | gloo
     nproc_per_node: int = 1  # >1: this job starts that many DDP workers itself

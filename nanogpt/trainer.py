@@ -133,6 +133,8 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
         )
     micro_steps = config.gradient_accumulation_steps // dist.world_size
     torch.manual_seed(config.system.seed + dist.rank)  # each rank its own dropout masks
+    if config.system.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.system.tf32
         torch.backends.cudnn.allow_tf32 = config.system.tf32
