@@ -89,12 +89,24 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul of size up to n. The size doubles from 256 only while the next
+    product would fit in `seconds`: a slow path (bf16 on a CPU without bf16 units runs below
+    1 GFLOP/s) is measured in a second, not in minutes."""
     gen = torch.Generator(device).manual_seed(0)  # never the global RNG: a resumed run's dropout depends on it
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    sync()
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+        a @ b  # warm-up
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        if size >= n or 8 * (time.perf_counter() - t) > seconds:  # twice the size: 8x the work
+            break
+        size = min(2 * size, n)
+    n = size
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b

@@ -283,13 +283,15 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                     t_log = time.perf_counter()  # eval time is not training time
                 if config.eval_only or last_step:
                     break
-                stop_now = torch.tensor(float(stop.signum), device=device)
-                if dist.enabled:
-                    distributed.all_reduce(stop_now, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
-                if stop_now.item():
+                stop_now = stop.signum  # a plain int: one process needs no tensor, hence no device sync per step
+                if dist.enabled:  # every rank stops together
+                    flag = torch.tensor(float(stop.signum), device=device)
+                    distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    stop_now = int(flag.item())
+                if stop_now:
                     save(it, run_dir / ckpt.LAST)
                     log.warning(f"checkpoint saved at iteration {it}; {resume_hint}")
-                    stop.signum = stop.signum or int(stop_now.item())
+                    stop.signum = stop.signum or stop_now
                     requeued = stop.pass_on()
                     raise Interrupted(stop.signum, "requeued, resumes by itself" if requeued else resume_hint, requeued)
 
@@ -318,7 +320,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                         opt.zero_grad(set_to_none=True)
                     scaler.update()
                 else:
-                    bad_iter = torch.where((bad_iter < 0) & ~finite, torch.tensor(it + 1, device=device), bad_iter)
+                    bad_iter.masked_fill_((bad_iter < 0) & ~finite, it + 1)  # a scalar fill: no host-to-device copy
                     for opt in optimizers:
                         scaler.step(opt)
                     scaler.update()

@@ -1,0 +1,269 @@
+"""Measure training speed: timed iterations after a warm-up, on real or synthetic batches.
+
+    python bench.py                                   # the default CPU recipe (4/4/128, block 64, batch 12)
+    python bench.py experiment=shakespeare_char system=cpu bench.iters=5 bench.warmup=1
+    python bench.py system=cpu_fast bench.json=true   # one JSON object on stdout, for tools
+    python bench.py model=gpt2_small data=openwebtext data.batch_size=12 bench.data=synthetic
+    python bench.py -m data.batch_size=8,16,32        # a sweep: one report per job
+
+Same config groups and keys as train.py, plus `bench.*` (conf/bench.yaml). Each iteration is the
+trainer's step: micro-steps of forward and backward, gradient clipping, the optimizer step.
+MFU counts the model's training FLOPs (6N + 12LHQT per token, PaLM appendix B) against the
+published bf16 peak of a known GPU and against a large matmul measured here in the run's dtype.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from nanogpt import distributed
+from nanogpt.cli import job, run_cli
+from nanogpt.config import ConfigError, TrainConfig, to_train_config
+from nanogpt.device import GPU_PEAK_BF16, autocast, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.model import GPT
+from nanogpt.prepare import data_dir, load_meta, prepare
+
+GPT2_VOCAB = 50257  # synthetic batches without model.vocab_size: GPT-2's tokenizer
+
+
+@dataclass
+class BenchSettings:
+    iters: int = 20  # timed iterations
+    warmup: int = 3  # untimed iterations first: compilation, allocator and cache warm-up
+    data: str = "real"  # real: the loader on prepared data | synthetic: random tokens made once
+    json: bool = False  # print one JSON object instead of the report
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
+# conf/config.yaml types its root with "train_schema": storing the bench schema under that name
+# gives bench.yaml all of train.py's groups and keys, plus `bench`, with typo checks for both
+ConfigStore.instance().store(name="train_schema", node=BenchConfig)
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall time since this process started, interpreter start-up and imports included (Linux)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def published_peak(device: torch.device) -> float | None:
+    """The GPU's published dense bf16 peak, FLOP/s, when its name is known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for fragment, flops in GPU_PEAK_BF16 if fragment in name), None)
+
+
+def synthetic_batches(
+    batch_size: int, block_size: int, vocab_size: int, device: torch.device, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A few random batches made once on the device and cycled: the step without any data cost."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(4):
+        xy = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g).to(device)
+        batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
+    while True:
+        yield from batches
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def bench(config: BenchConfig) -> dict:
+    """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
+    b = config.bench
+    if b.iters < 1 or b.warmup < 0 or b.data not in ("real", "synthetic"):
+        raise ConfigError(f"bench.iters must be >= 1, bench.warmup >= 0, bench.data real or synthetic: got {b}")
+
+    # 1) device, precision, threads and seed, as the trainer sets them for one process
+    device = resolve_device(config.system)
+    dtype = resolve_dtype(config.system, device)
+    torch.set_num_threads(distributed.num_threads(config.system, 1))
+    torch.manual_seed(config.system.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.system.tf32
+        torch.backends.cudnn.allow_tf32 = config.system.tf32
+    ctx = autocast(device, dtype)
+    micro_steps = config.gradient_accumulation_steps
+    batch_size, block_size = config.data.batch_size, config.model.block_size
+
+    # 2) batches and the vocabulary they imply
+    if b.data == "real":
+        prepare(config.data)
+        vocab = config.model.vocab_size or load_meta(data_dir(config.data))["vocab_size"]
+        loader = instantiate(
+            config.data, block_size=block_size, device=device, seed=config.system.seed, micro_steps=micro_steps
+        )
+        batches = loader.train_batches(0)
+    else:
+        vocab = config.model.vocab_size or GPT2_VOCAB
+        batches = synthetic_batches(batch_size, block_size, vocab, device, config.system.seed)
+    pad = config.model.vocab_pad_multiple
+    vocab = -(-vocab // pad) * pad
+
+    # 3) model, optimizer, loss scaling: the trainer's builders
+    raw_model = GPT(replace(config.model, vocab_size=vocab)).to(device)
+    model = torch.compile(raw_model) if use_compile(config.system, device) else raw_model
+    optimizers = instantiate(config.optim, model=raw_model, device_type=device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> float:
+        """One training iteration; returns the seconds spent waiting for batches."""
+        waited = 0.0
+        for _ in range(micro_steps):
+            t = time.perf_counter()
+            x, y = next(batches)
+            waited += time.perf_counter() - t
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / micro_steps
+            scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            for opt in optimizers:
+                scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        sync()  # the device's time, not the host's queueing
+        return waited
+
+    # 4) warm-up, then the timed iterations
+    startup_s = seconds_since_process_start()
+    step_s, data_s = [], []
+    for i in range(b.warmup + b.iters):
+        t = time.perf_counter()
+        waited = step()
+        if i == 0:
+            first_iter_s = time.perf_counter() - t
+        if i >= b.warmup:
+            step_s.append(time.perf_counter() - t)
+            data_s.append(waited)
+    if b.data == "real":
+        batches.close()  # stops the prefetch thread
+
+    # 5) the figures
+    median = statistics.median(step_s)
+    tokens_per_iter = micro_steps * batch_size * block_size
+    tokens_per_s = tokens_per_iter / median
+    flops_per_token = raw_model.flops_per_token()
+    achieved = flops_per_token * tokens_per_s
+    published = published_peak(device)
+    measured = measure_matmul_flops(device, dtype, n=8192 if device.type == "cuda" else 2048)
+    quartiles = statistics.quantiles(step_s, n=4) if len(step_s) > 1 else [median] * 3
+    return {
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": model is not raw_model,
+        "params": raw_model.get_num_params(non_embedding=False),
+        "batch_size": batch_size,
+        "block_size": block_size,
+        "micro_steps": micro_steps,
+        "tokens_per_iter": tokens_per_iter,
+        "data": b.data,
+        "iters": b.iters,
+        "warmup": b.warmup,
+        "ms_per_iter": median * 1e3,
+        "ms_per_iter_min": min(step_s) * 1e3,
+        "ms_per_iter_max": max(step_s) * 1e3,
+        "ms_per_iter_iqr": (quartiles[2] - quartiles[0]) * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "achieved_tflops": achieved / 1e12,
+        "published_peak_tflops": published / 1e12 if published else None,
+        "mfu_published": achieved / published if published else None,
+        "measured_peak_tflops": measured / 1e12,
+        "mfu_measured": achieved / measured,
+        "data_ms_per_batch": statistics.median(data_s) / micro_steps * 1e3,
+        "data_share": sum(data_s) / sum(step_s),
+        "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+        "startup_s": startup_s,
+        "first_iter_s": first_iter_s,
+        "torch": torch.__version__,
+    }
+
+
+def report(r: dict) -> str:
+    """The figures as a short human-readable block."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x * 100:.1f}%"
+
+    published = (
+        f"{pct(r['mfu_published'])} of {r['published_peak_tflops']:.0f} TFLOP/s published bf16 peak"
+        if r["published_peak_tflops"]
+        else "no published peak for this device"
+    )
+    startup = "n/a" if r["startup_s"] is None else f"{r['startup_s']:.2f} s"
+    return "\n".join(
+        [
+            f"device      {r['device']}; {r['dtype']}, compile {r['compile']}, torch {r['torch']}",
+            f"model       {r['params'] / 1e6:.2f}M parameters; {r['micro_steps']} x {r['batch_size']} x "
+            f"{r['block_size']} = {r['tokens_per_iter']:,} tokens per iteration ({r['data']} batches)",
+            f"iteration   {r['ms_per_iter']:.2f} ms median over {r['iters']} (after {r['warmup']} warm-up): "
+            f"min {r['ms_per_iter_min']:.2f}, max {r['ms_per_iter_max']:.2f}, IQR {r['ms_per_iter_iqr']:.2f}",
+            f"throughput  {r['tokens_per_s']:,.0f} tokens/s; {r['flops_per_token'] / 1e6:.2f} MFLOP per token; "
+            f"{r['achieved_tflops'] * 1e3:.2f} GFLOP/s achieved",
+            f"MFU         {pct(r['mfu_measured'])} of {r['measured_peak_tflops'] * 1e3:.1f} GFLOP/s measured "
+            f"{r['dtype']} matmul; {published}",
+            f"data        {r['data_ms_per_batch']:.3f} ms per batch, {pct(r['data_share'])} of the step",
+            f"memory      {r['peak_memory_mb']:,.0f} MiB peak",
+            f"start-up    {startup} from process start to the first iteration, which took {r['first_iter_s']:.2f} s",
+        ]
+    )
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench")
+@job
+def main(cfg: DictConfig) -> dict:
+    config = to_train_config(cfg)
+    result = bench(config)
+    print(json.dumps(result) if config.bench.json else report(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
