@@ -199,8 +199,9 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
         resolve_dtype(SystemConfig(dtype="bfloat16"), torch.device("cuda"))
 
 
-def test_an_empty_data_folder_names_the_command_to_prepare_it(tmp_path):
+def test_a_data_folder_without_its_vocabulary_is_refused(tmp_path):
     (tmp_path / "data" / "mine").mkdir(parents=True)
+    (tmp_path / "data" / "mine" / "train.bin").write_bytes(b"")  # not ours to overwrite: an empty folder would be prepared
     proc = run(train_cmd(tmp_path / "data", tmp_path / "run", "data.name=mine"), tmp_path)
     assert_clean_failure(proc, "has no meta.json")
 
