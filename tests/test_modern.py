@@ -1,12 +1,16 @@
 """The modern recipe: each model option changes the forward pass as intended, Muon's update is
 close to orthogonal, and a run with Muon resumes exactly."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from conftest import ROOT, compose_cfg
+from nanogpt.config import MuonConfig, WSDScheduleConfig, to_train_config
 from nanogpt.model import GPT, MLP, CausalSelfAttention, GPTConfig, Rotary, make_norm
 from nanogpt.optim import Muon, build_muon
 
@@ -34,7 +38,8 @@ def test_all_options_together_keep_shapes_and_train():
     idx = torch.randint(0, 50, (3, 16))
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 50) and logits.dtype == torch.float32
-    assert loss.item() == pytest.approx(torch.log(torch.tensor(50.0)).item(), abs=0.1)  # blocks start as identity
+    torch.testing.assert_close(logits, torch.zeros_like(logits))  # zero-initialised untied head: uniform
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(50.0)).item())
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -97,6 +102,8 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
     for block in model.transformer.h:
         assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
         torch.testing.assert_close(block(x), x)
+    assert tiny(zero_init_proj=True, tie_embeddings=False).lm_head.weight.abs().sum() == 0  # an untied head too
+    assert model.lm_head.weight.abs().sum() > 0  # a tied head is the embedding: kept
     assert tiny().transformer.h[0].attn.c_proj.weight.abs().sum() > 0  # GPT-2's init otherwise
 
 
@@ -120,7 +127,7 @@ def test_muon_update_is_close_to_orthogonal(shape):
 
 def test_muon_matches_torch_muon_up_to_bfloat16_rounding():
     torch.manual_seed(0)
-    ours, theirs = torch.nn.Parameter(torch.randn(64, 128)), None
+    ours = torch.nn.Parameter(torch.randn(64, 128))
     theirs = torch.nn.Parameter(ours.detach().clone())
     opts = [Muon([ours], lr=0.02, adjust_lr_fn="match_rms_adamw"), torch.optim.Muon([theirs], lr=0.02, adjust_lr_fn="match_rms_adamw")]
     start = ours.detach().clone()
@@ -172,3 +179,27 @@ def test_muon_run_resumes_exactly(train_run, tmp_path):
     assert sa["iter_num"] == sb["iter_num"] == 20
     for name, tensor in sa["model"].items():
         assert torch.equal(tensor, sb["model"][name]), name
+
+
+def _ablation_rows() -> list[tuple[str, list[str]]]:
+    spec = importlib.util.spec_from_file_location("modern_vs_baseline", ROOT / "scripts" / "modern_vs_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ABLATION
+
+
+@pytest.mark.parametrize("name,flip", _ablation_rows())
+def test_every_ablation_row_composes_from_the_presets(name, flip):
+    config = to_train_config(compose_cfg("experiment=ablation", *flip))
+    assert (config.max_iters, config.eval_interval, config.eval_iters, config.system.device) == (400, 50, 20, "cpu")
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd, config.model.block_size) == (4, 4, 128, 64)
+    assert config.data.batch_size == 12  # the baseline's batch: only model, optimizer and schedule differ
+    for override in flip:  # the row flips what it says, the rest stays the recipe's
+        key, value = override.split("=")
+        if key in ("optim", "schedule"):
+            assert getattr(config, key)._target_.endswith({"adamw": "build_adamw", "cosine": "cosine_schedule"}[value])
+        elif key.startswith("model."):
+            assert getattr(config.model, key.split(".")[1]) == yaml.safe_load(value)
+    if not flip:
+        assert {k: getattr(config.model, k) for k in MODERN} == {**MODERN, "norm": "layernorm"}
+        assert isinstance(config.optim, MuonConfig) and isinstance(config.schedule, WSDScheduleConfig)
