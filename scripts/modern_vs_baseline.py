@@ -9,19 +9,21 @@ Both recipes run on Shakespeare char at nanoGPT's CPU recipe size (4 layers, 4 h
 block 64, batch 12), in this session, on the same data, CPU fp32, compile off, the same threads:
 - baseline: the default run (model=mini, AdamW lr 1e-3, cosine over 2000 iterations). It keeps
   going at min_lr up to 2500 iterations (nanoGPT's schedule past lr_decay_iters), so a seed that
-  ends just above the target still gets a time;
+  ends just above the target at 2000 may still get there;
 - modern: experiment=modern (model=modern, optim=muon, a 400-iteration warmup-stable-decay).
 Every run is `python train.py` in its own folder under --out. Val loss is measured every 50
 iterations on the seed's fixed windows (20 batches per eval); the clock is metrics.jsonl's
 train_time_s, training time only, evals excluded. A recipe's time is the median over the seeds
-of the time of its first eval at or below --target. Runs alternate baseline/modern per seed, so a
-busy phase of the machine hits both.
+of the time of its first eval at or below --target, a seed that never gets there counting as
+infinitely late. Runs alternate baseline/modern per seed, so a busy phase of the machine hits
+both.
 The ablation flips one setting of the modern recipe at a time and reports val loss after its 400
 iterations and at a fixed wall-clock budget (the modern recipe's median time to the target).
 """
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -94,8 +96,11 @@ def train(run_dir: Path, overrides: list[str], seed: int, reuse: bool) -> Run:
 
 
 def median(values: list[float | None]) -> float | None:
-    """The median, or None when any seed is missing a value (a run that never reached it)."""
-    return None if not values or None in values else statistics.median(values)
+    """The median over the seeds. A missing value (a run that never reached the target, or had no
+    eval within the budget) counts as infinitely late or bad, so one such seed of three still
+    gives a median; None when the median itself is missing."""
+    m = statistics.median([math.inf if v is None else v for v in values]) if values else math.inf
+    return None if m == math.inf else m
 
 
 def fmt(x: float | None, spec: str = ".3f", missing: str = "not reached") -> str:
