@@ -181,14 +181,29 @@ def test_muon_run_resumes_exactly(train_run, tmp_path):
         assert torch.equal(tensor, sb["model"][name]), name
 
 
-def _ablation_rows() -> list[tuple[str, list[str]]]:
+def _measurement_script():
     spec = importlib.util.spec_from_file_location("modern_vs_baseline", ROOT / "scripts" / "modern_vs_baseline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.ABLATION
+    return module
 
 
-@pytest.mark.parametrize("name,flip", _ablation_rows())
+def test_a_seed_that_never_reaches_the_target_counts_as_infinitely_late():
+    script = _measurement_script()
+    # (iteration, val loss, training seconds): seed 2 never gets to 1.886 in its 140 s
+    reached, missed, late = (script.Run([(1900, 1.88, 110.0)]), script.Run([(2500, 1.9, 140.0)]),
+                             script.Run([(2000, 1.88, 120.0)]))  # fmt: skip
+    modern = [script.Run([(350, 1.85, t)]) for t in (29.0, 30.0, 33.0)]
+    assert script.median([110.0, None, 120.0]) == 120.0  # one of three missing: still a median
+    assert script.median([110.0, None, None]) is None
+    table, budget = script.headline({"baseline": [reached, missed, late], "modern": modern}, 1.886)
+    assert budget == 30.0 and "| 120.0 |" in table and "25% of the baseline's time" in table
+    table, _ = script.headline({"baseline": [reached, missed, missed], "modern": modern}, 1.886)
+    # two seeds missing: the median is at least the seeds' training time, the ratio at most
+    assert "| > 140.0 |" in table and "less than 21%" in table
+
+
+@pytest.mark.parametrize("name,flip", _measurement_script().ABLATION)
 def test_every_ablation_row_composes_from_the_presets(name, flip):
     config = to_train_config(compose_cfg("experiment=ablation", *flip))
     assert (config.max_iters, config.eval_interval, config.eval_iters, config.system.device) == (400, 50, 20, "cpu")
