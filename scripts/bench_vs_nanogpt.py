@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of (ours, nanoGPT, ours fast)")
     parser.add_argument("--only", choices=("char", "baby"), help="one workload only")
     parser.add_argument("--char-iters", type=int, default=2000, help="iterations of each char run (2000: full runs)")
-    parser.add_argument("--baby-iters", type=int, default=4, help="iterations of each baby run, the first untimed")
+    parser.add_argument("--baby-iters", type=int, default=6, help="iterations of each baby run, the first untimed")
     parser.add_argument("--fast", nargs="*", default=["system=cpu_fast"], help="overrides of our best CPU setting")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     args = parser.parse_args()
