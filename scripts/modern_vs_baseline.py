@@ -24,7 +24,6 @@ compares runs of one period of the machine.
 """
 
 import argparse
-import json
 import math
 import platform
 import shutil
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from nanogpt.rundir import read_metrics, read_status
 
 ROOT = Path(__file__).resolve().parent.parent  # the nanogpt checkout: train.py, conf/
 
@@ -85,16 +86,15 @@ class Run:
 
 
 def train(run_dir: Path, overrides: list[str], seed: int, reuse: bool) -> Run:
-    status = run_dir / "status.json"
-    if not (reuse and status.exists() and json.loads(status.read_text())["status"] == "finished"):
+    if not (reuse and read_status(run_dir).get("status") == "finished"):
         shutil.rmtree(run_dir, ignore_errors=True)
         args = [*overrides, f"system.seed={seed}", f"hydra.run.dir={run_dir}"]
         print(f"  python train.py {' '.join(args)}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return Run([(r["iter"], r["val_loss"], r["train_time_s"]) for r in lines if r["kind"] == "eval"])
+    records = read_metrics(run_dir)
+    return Run([(r["iter"], r["val_loss"], r["train_time_s"]) for r in records if r["kind"] == "eval"])
 
 
 def median(values: list[float | None]) -> float | None:
@@ -117,9 +117,10 @@ def headline(runs: dict[str, list[Run]], target: float) -> tuple[str, float | No
     med, exact = {}, {}
     for name, rs in runs.items():
         times = [r.time_to(target) for r in rs]
-        exact[name] = median(times) is not None
-        at_least = [r.evals[-1][2] if t is None else t for t, r in zip(times, rs, strict=True)]
-        med[name] = median(times) if exact[name] else statistics.median(at_least)
+        med[name] = median(times)
+        exact[name] = med[name] is not None
+        if not exact[name]:
+            med[name] = statistics.median(r.evals[-1][2] if t is None else t for t, r in zip(times, rs, strict=True))
     rows = [
         f"| recipe | time to val loss <= {target}, median (s) | per seed (s) | iterations | ms/iter | final val loss |",
         "|---|---|---|---|---|---|",
