@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import ConfigError, TrainConfig, to_train_config
-from nanogpt.device import GPU_PEAK_BF16, autocast, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.device import GPU_PEAK_BF16, autocast, configure_backends, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
 from nanogpt.model import GPT
 from nanogpt.prepare import data_dir, load_meta, prepare
 
@@ -118,9 +118,7 @@ def bench(config: BenchConfig) -> dict:
     dtype = resolve_dtype(config.system, device)
     torch.set_num_threads(distributed.num_threads(config.system, 1))
     torch.manual_seed(config.system.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.system.tf32
-        torch.backends.cudnn.allow_tf32 = config.system.tf32
+    configure_backends(config.system, device)
     ctx = autocast(device, dtype)
     micro_steps = config.gradient_accumulation_steps
     batch_size, block_size = config.data.batch_size, config.model.block_size

@@ -81,6 +81,7 @@ class SystemConfig:
     seed: int = 1337  # rank r seeds its dropout with seed + r
     deterministic: bool = False  # bit-identical across processes; compiled CPU kernels otherwise add atomically
     tf32: bool = True  # TF32 matmuls on Ampere and newer
+    cpu_memory_cache: bool = True  # on CPU, freed memory is reused instead of page-faulted afresh every step
     backend: str = "auto"  # auto | nccl | gloo
     nproc_per_node: int = 1  # >1: this job starts that many DDP workers itself
     num_threads: int | None = None  # None: the CPUs this process may use / local ranks

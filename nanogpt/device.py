@@ -1,6 +1,8 @@
 """Device, precision and peak throughput: what `system` resolves to on the machine at hand."""
 
 import contextlib
+import ctypes
+import platform
 import time
 from functools import lru_cache
 
@@ -55,6 +57,33 @@ def resolve_dtype(system: SystemConfig, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("system.dtype=float16 is not supported on CPU: use bfloat16 or float32")
     return dtype
+
+
+def configure_backends(system: SystemConfig, device: torch.device) -> None:
+    """The process-wide switches a run's `system` group sets: TF32, determinism, host memory."""
+    if system.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = system.tf32
+        torch.backends.cudnn.allow_tf32 = system.tf32
+    if device.type == "cpu" and system.cpu_memory_cache:
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse, as a caching allocator does on a GPU.
+
+    By default glibc serves every block over 32 MiB with its own mmap and returns it on free, so
+    each step of a large CPU model (the baby model's activations are ~5 GiB) maps fresh pages and
+    the kernel faults and zeroes every one of them again: about a million page faults a step.
+    With mmap off and trimming off, blocks come from the heap and freed ones are reused. Numerics
+    are untouched. Returns False where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    # -1 becomes SIZE_MAX inside glibc: never give the heap's top back to the system
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

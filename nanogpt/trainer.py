@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanogpt import checkpoint as ckpt
 from nanogpt import distributed
 from nanogpt.config import ConfigError, TrainConfig
-from nanogpt.device import autocast, peak_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.device import autocast, configure_backends, peak_flops, resolve_device, resolve_dtype, use_compile
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import set_lr
 from nanogpt.prepare import data_dir, load_meta, prepare
@@ -133,11 +133,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
         )
     micro_steps = config.gradient_accumulation_steps // dist.world_size
     torch.manual_seed(config.system.seed + dist.rank)  # each rank its own dropout masks
-    if config.system.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.system.tf32
-        torch.backends.cudnn.allow_tf32 = config.system.tf32
+    configure_backends(config.system, device)
     ctx = autocast(device, dtype)
 
     # 2) data: rank 0 prepares it on first use while the others wait
