@@ -199,7 +199,6 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
     # 5) what rank 0 writes: metrics (cut back to the checkpoint), tracker, the start-up summary
     config_dict = dataclasses.asdict(config)
     tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * model_config.block_size
-    peak, peak_source = peak_flops(device, dtype)
     metrics = tracker = None
     if dist.is_main:
         metrics = MetricsLog(run_dir, resume_iter=start_iter if state is not None else None)
@@ -213,8 +212,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
             f"model {raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
             f"vocabulary {model_config.vocab_size}, block {model_config.block_size}\n"
             f"tokens per iteration {tokens_per_iter:,} "
-            f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {model_config.block_size})\n"
-            f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})"
+            f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {model_config.block_size})"
             + (f"\nresuming at iteration {start_iter} (best val loss {best_val:.4f})" if start_iter else "")
         )
     prov = provenance() if dist.is_main else None
@@ -332,9 +330,13 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                     n = it + 1 - it_log
                     dt = (now - t_log) / max(n, 1)
                     tok_s = tokens_per_iter / dt
+                    # the peak is measured at the first log line, after the first step: not at start-up
+                    peak, peak_source = peak_flops(device, dtype)
                     mfu = raw_model.estimate_mfu(tok_s / dist.world_size, peak)
                     eta = (config.max_iters - it - 1) * dt
                     if dist.is_main:
+                        if it == start_iter:
+                            log.info(f"MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
                         log.info(
                             f"iter {it + 1}/{config.max_iters}: loss {loss_f:.4f}, lr {lr_scale(it) * config.optim.learning_rate:.2e}, "
                             f"{dt * 1000:.1f} ms/iter, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {_hms(eta)}"
@@ -342,7 +344,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                     record({"iter": it + 1, "kind": "train", "loss": loss_f, "lr": lr_scale(it) * config.optim.learning_rate,
                             "grad_norm": grad_norm.item(), "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
                             "tokens": (it + 1) * tokens_per_iter, "train_time_s": train_time})
-                    t_log, it_log = now, it + 1
+                    t_log, it_log = time.perf_counter(), it + 1  # the peak's measurement is not training time
                 loss_acc.zero_()
     except BaseException:
         exit_code = 1
