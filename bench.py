@@ -13,7 +13,6 @@ published bf16 peak of a known GPU and against a large matmul measured here in t
 """
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -35,6 +34,7 @@ from nanogpt.config import ConfigError, TrainConfig, to_train_config
 from nanogpt.device import GPU_PEAK_BF16, autocast, configure_backends, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
 from nanogpt.model import GPT
 from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.rundir import seconds_since_process_start
 
 GPT2_VOCAB = 50257  # synthetic batches without model.vocab_size: GPT-2's tokenizer
 
@@ -55,16 +55,6 @@ class BenchConfig(TrainConfig):
 # conf/config.yaml types its root with "train_schema": storing the bench schema under that name
 # gives bench.yaml all of train.py's groups and keys, plus `bench`, with typo checks for both
 ConfigStore.instance().store(name="train_schema", node=BenchConfig)
-
-
-def seconds_since_process_start() -> float | None:
-    """Wall time since this process started, interpreter start-up and imports included (Linux)."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def device_name(device: torch.device) -> str:

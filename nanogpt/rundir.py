@@ -119,3 +119,13 @@ def provenance() -> dict:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "argv": sys.argv,
     }
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall time since this process started, interpreter start-up and imports included (Linux)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")

@@ -27,7 +27,7 @@ from nanogpt.device import autocast, configure_backends, peak_flops, resolve_dev
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import set_lr
 from nanogpt.prepare import data_dir, load_meta, prepare
-from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, write_status
+from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status
 from nanogpt.tracking import build_tracker
 
 log = logging.getLogger("nanogpt")
@@ -248,6 +248,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
     batches = loader.train_batches(start_iter)
     loss_acc = torch.zeros((), device=device)
     t_log, it_log, train_time = time.perf_counter(), start_iter, 0.0
+    startup_s = seconds_since_process_start()  # imports, composition, data, model: up to the loop
     exit_code = 0
     try:
         with StopSignals() as stop:
@@ -336,7 +337,8 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
                     eta = (config.max_iters - it - 1) * dt
                     if dist.is_main:
                         if it == start_iter:
-                            log.info(f"MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+                            startup = "" if startup_s is None else f"start-up {startup_s:.1f} s to the first iteration; "
+                            log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
                         log.info(
                             f"iter {it + 1}/{config.max_iters}: loss {loss_f:.4f}, lr {lr_scale(it) * config.optim.learning_rate:.2e}, "
                             f"{dt * 1000:.1f} ms/iter, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {_hms(eta)}"

@@ -1,5 +1,7 @@
 """Training end to end on a tiny model: pinned losses, run folder, resume, sampling."""
 
+import re
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ def test_run_folder_holds_config_log_checkpoint_metrics_status(train_run, tmp_pa
     proc = train_run()
     run = tmp_path / "run"
     assert "step 20: train loss" in proc.stdout
+    assert re.search(r"start-up [\d.]+ s to the first iteration", proc.stdout), proc.stdout
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "ckpt.pt", "metrics.jsonl", "status.json"):
         assert (run / name).exists(), name
     assert read_status(run)["status"] == "finished"
