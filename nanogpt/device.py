@@ -70,20 +70,20 @@ def configure_backends(system: SystemConfig, device: torch.device) -> None:
         keep_freed_memory()
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for reuse, as a caching allocator does on a GPU.
 
     By default glibc serves every block over 32 MiB with its own mmap and returns it on free, so
     each step of a large CPU model (the baby model's activations are ~5 GiB) maps fresh pages and
     the kernel faults and zeroes every one of them again: about a million page faults a step.
     With mmap off and trimming off, blocks come from the heap and freed ones are reused. Numerics
-    are untouched. Returns False where the C library is not glibc."""
+    are untouched. Nothing changes where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return
     libc = ctypes.CDLL(None)
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    # -1 becomes SIZE_MAX inside glibc: never give the heap's top back to the system
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1 becomes SIZE_MAX inside glibc: never trim the heap's top
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
