@@ -32,6 +32,7 @@ from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import ConfigError, TrainConfig, to_train_config
 from nanogpt.device import GPU_PEAK_BF16, autocast, configure_backends, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.dropout import set_parallel_dropout
 from nanogpt.model import GPT
 from nanogpt.prepare import data_dir, load_meta, prepare
 from nanogpt.rundir import seconds_since_process_start
@@ -129,6 +130,7 @@ def bench(config: BenchConfig) -> dict:
 
     # 3) model, optimizer, loss scaling: the trainer's builders
     raw_model = GPT(replace(config.model, vocab_size=vocab)).to(device)
+    set_parallel_dropout(raw_model, config.system.parallel_dropout)
     model = torch.compile(raw_model) if use_compile(config.system, device) else raw_model
     optimizers = instantiate(config.optim, model=raw_model, device_type=device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

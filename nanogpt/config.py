@@ -82,6 +82,7 @@ class SystemConfig:
     deterministic: bool = False  # bit-identical across processes; compiled CPU kernels otherwise add atomically
     tf32: bool = True  # TF32 matmuls on Ampere and newer
     cpu_memory_cache: bool = True  # on CPU, freed memory is reused instead of page-faulted afresh every step
+    parallel_dropout: bool = False  # on CPU, dropout masks drawn on all threads (nanogpt.dropout), not torch's serial kernel
     backend: str = "auto"  # auto | nccl | gloo
     nproc_per_node: int = 1  # >1: this job starts that many DDP workers itself
     num_threads: int | None = None  # None: the CPUs this process may use / local ranks
@@ -151,15 +152,17 @@ def register_configs() -> None:
 
 
 def _fast_cpu_dtype() -> str:
-    from nanogpt.device import cpu_has_bf16  # imported here: nanogpt.device imports this module
+    from nanogpt.device import cpu_has_fast_bf16  # imported here: nanogpt.device imports this module
 
-    return "bfloat16" if cpu_has_bf16() else "float32"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
 # ${asset:name} -> a file shipped inside the package (Tiny Shakespeare), wherever it is installed
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS / name), replace=True)
-# ${fast_cpu_dtype:} -> bfloat16 where the CPU multiplies bf16 in hardware, else float32 (system=cpu_fast)
+# ${fast_cpu_dtype:} -> bfloat16 where the CPU has AMX bf16 tiles, else float32 (system=cpu_fast)
 OmegaConf.register_new_resolver("fast_cpu_dtype", _fast_cpu_dtype, replace=True)
+# ${compile_pays_on_cpu:${model.dropout}} -> compile only without dropout (system=cpu_fast)
+OmegaConf.register_new_resolver("compile_pays_on_cpu", lambda dropout: float(dropout) == 0.0, replace=True)
 register_configs()
 
 

@@ -96,13 +96,16 @@ def use_compile(system: SystemConfig, device: torch.device) -> bool:
     return device.type == "cuda" if system.compile is None else system.compile
 
 
-def cpu_has_bf16() -> bool:
-    """Hardware bf16 matrix support (AMX or AVX512-BF16); get_cpu_capability() does not tell."""
+def cpu_has_fast_bf16() -> bool:
+    """AMX bf16 tiles, where bf16 matmuls beat fp32 several times; get_cpu_capability() does not tell.
+
+    AVX512-BF16 alone does not count: on such a Xeon (no AMX) a 2048^3 bf16 matmul ran at 150-164
+    GFLOP/s against fp32's 253-299 (torch 2.13, 2 threads)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = open("/proc/cpuinfo").read().split()
     except OSError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "amx_bf16" in flags
 
 
 @lru_cache

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanogpt.dropout import Dropout, uses_parallel_dropout
+
 
 @dataclass
 class GPTConfig:
@@ -73,12 +75,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.dropout = config.dropout
         head_dim = config.n_embd // config.n_head
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)  # on the attention weights, as SDPA's dropout_p
+        self.resid_dropout = Dropout(config.dropout)
         self.rotary = Rotary(head_dim, config.block_size, config.rope_base) if config.pos_emb == "rope" else None
         # QK-norm with the model's norm: LayerNorm as Dehghani et al., RMSNorm as modded-nanogpt
         self.q_norm = make_norm(config, head_dim) if config.qk_norm else None
@@ -94,10 +96,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        if uses_parallel_dropout(self.attn_dropout, q):
+            # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
+            # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
+            causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
+            y = self.attn_dropout(att) @ v
+        else:
+            # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=True
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -107,7 +116,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +151,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=make_norm(config, config.n_embd),
             )

@@ -24,6 +24,7 @@ from nanogpt import checkpoint as ckpt
 from nanogpt import distributed
 from nanogpt.config import ConfigError, TrainConfig
 from nanogpt.device import autocast, configure_backends, peak_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.dropout import set_parallel_dropout
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import set_lr
 from nanogpt.prepare import data_dir, load_meta, prepare
@@ -167,6 +168,7 @@ def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.D
             f"the data's vocabulary ({meta['vocab_size']} tokens, {path}) is larger than the model's "
             f"({model_config.vocab_size}): use data with the model's tokenizer"
         )
+    set_parallel_dropout(model, config.system.parallel_dropout)
     model.to(device)
     raw_model = model  # saved and evaluated: never carries _orig_mod. or module. prefixes
     if use_compile(config.system, device):
