@@ -120,7 +120,10 @@ def train(config: TrainConfig, run: RunInfo) -> float:
                 write_status(run_dir, status, error=f"rank {dist.rank}: {error}" if dist.enabled else error)
         elif dist.is_main:
             write_status(run_dir, status, error=error)
-        distributed.teardown()
+        if status != "failed" or not distributed.is_rank_process():
+            # a failing rank keeps its connections until its process exits, after the launcher has
+            # its error: closing them first lets a peer fail ("connection closed") and be reported instead
+            distributed.teardown()
 
 
 def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.DistInfo) -> float:
