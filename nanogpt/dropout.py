@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 STREAM = 1 << 20  # elements per random stream: a few ms of work per task
 CHUNK = 1 << 15  # uniforms drawn at a time, to stay in cache before the comparison
@@ -56,19 +55,13 @@ class Dropout(nn.Dropout):
 
     parallel: bool = False
 
+    def draws_own_mask(self, x: torch.Tensor) -> bool:
+        return self.parallel and self.training and self.p > 0 and x.device.type == "cpu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_parallel_dropout(self, x):
+        if self.draws_own_mask(x):
             return x.mul(keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
-        return F.dropout(x, self.p, self.training, self.inplace)
-
-
-def uses_parallel_dropout(module: Dropout, x: torch.Tensor) -> bool:
-    return (
-        module.parallel
-        and module.training
-        and module.p > 0
-        and x.device.type == "cpu"
-    )
+        return super().forward(x)
 
 
 def set_parallel_dropout(model: nn.Module, parallel: bool) -> None:

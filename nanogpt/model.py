@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.dropout import Dropout, uses_parallel_dropout
+from nanogpt.dropout import Dropout
 
 
 @dataclass
@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        if uses_parallel_dropout(self.attn_dropout, q):
+        if self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
             causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
