@@ -12,6 +12,11 @@ MFU counts the model's training FLOPs (6N + 12LHQT per token, PaLM appendix B) a
 published bf16 peak of a known GPU and against a large matmul measured here in the run's dtype.
 """
 
+import gc
+
+gc.disable()  # the imports make ~0.5M objects that live as long as the process: collecting
+#                them while they pile up took ~0.5 s of start-up (README, Benchmark)
+
 import json
 import platform
 import resource
@@ -36,6 +41,9 @@ from nanogpt.dropout import set_parallel_dropout
 from nanogpt.model import GPT
 from nanogpt.prepare import data_dir, load_meta, prepare
 from nanogpt.rundir import seconds_since_process_start
+
+gc.freeze()  # ...and no later collection walks them
+gc.enable()
 
 GPT2_VOCAB = 50257  # synthetic batches without model.vocab_size: GPT-2's tokenizer
 

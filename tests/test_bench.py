@@ -1,8 +1,13 @@
-"""bench.py as a user runs it: a tiny model for 2 timed iterations on CPU. No timing assertions."""
+"""bench.py as a user runs it (a tiny model for 2 timed iterations on CPU), and what every
+command does at start-up. No timing assertions."""
 
 import json
+import subprocess
+import sys
 
-from conftest import TINY, run_script
+import pytest
+
+from conftest import ROOT, TINY, run_script
 
 FIELDS = {
     "device", "dtype", "compile", "params", "batch_size", "block_size", "micro_steps", "tokens_per_iter",
@@ -45,3 +50,11 @@ def test_human_report_on_synthetic_batches(tmp_path):
 def test_misspelt_bench_key_fails_at_composition(tmp_path):
     proc = run_script("bench.py", *TINY, "bench.iterations=2", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "iterations" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "sample.py"])
+def test_commands_collect_garbage_again_once_imported(script):
+    # the imports run with the collector off (start-up time); the run itself must not
+    code = f"import gc, runpy; runpy.run_path({str(ROOT / script)!r}); print(gc.isenabled(), gc.get_freeze_count())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "True" and int(out[1]) > 100_000  # torch's import objects stay out of later collections
