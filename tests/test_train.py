@@ -24,6 +24,15 @@ def test_first_losses_of_a_seeded_tiny_model_are_pinned(tiny_config, tmp_path):
     assert train_losses(tmp_path) == pytest.approx(PINNED, abs=2e-4)
 
 
+def test_bf16_autocast_on_cpu_follows_the_fp32_losses(tiny_config, tmp_path, caplog):
+    # system=cpu_fast runs bf16 where the CPU multiplies it fast; forced here, on any CPU
+    config = tiny_config("system.dtype=bfloat16", "max_iters=10", "log_interval=1", "eval_interval=100", "data.prefetch=false")
+    with caplog.at_level("INFO"):
+        train(config, RunInfo(run_dir=str(tmp_path)))
+    assert "dtype bfloat16" in caplog.text and "measured bfloat16 matmul" in caplog.text
+    assert train_losses(tmp_path) == pytest.approx(PINNED, abs=0.02)
+
+
 def test_run_folder_holds_config_log_checkpoint_metrics_status(train_run, tmp_path):
     proc = train_run()
     run = tmp_path / "run"
