@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from nanogpt.config import to_train_config
-from nanogpt.device import measure_matmul_flops
+from nanogpt.config import TrainConfig, to_train_config
+from nanogpt.device import measure_matmul_flops, resolve_dtype
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.prepare import prepare
 from nanogpt.rundir import read_metrics
@@ -146,10 +146,19 @@ def prepare_nanogpt_data(nanogpt: Path) -> None:
     run_process([sys.executable, "prepare.py"], folder)
 
 
-def prepare_our_data(data_root: Path) -> None:
+def our_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"data.root={data_root}"])
-    prepare(to_train_config(cfg).data)
+        return to_train_config(compose(config_name="config", overrides=overrides))
+
+
+def run_dtype(overrides: list[str]) -> str:
+    """The dtype our train.py runs in with these overrides (system=cpu_fast picks it per machine)."""
+    dtype = resolve_dtype(our_config(overrides).system, torch.device("cpu"))
+    return str(dtype).removeprefix("torch.")
+
+
+def matmul_peak(dtype: str) -> float:
+    return measure_matmul_flops(torch.device("cpu"), getattr(torch, dtype), seconds=1.0)
 
 
 def flops_per_token(w: Workload) -> int:
@@ -161,7 +170,7 @@ def ratio_cell(ours: list[Run], nano: list[Run]) -> str:
     return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def tables(w: Workload, res: Results, fast_label: str, peak: float) -> str:
+def tables(w: Workload, res: Results, fast_label: str, fast_dtype: str, peaks: dict[str, float]) -> str:
     fpt = flops_per_token(w)
     tokens = w.batch_size * w.model["block_size"]
     rounds = len(res.runs["nanogpt"])
@@ -172,11 +181,11 @@ def tables(w: Workload, res: Results, fast_label: str, peak: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     for key, label in (("nanogpt", "nanoGPT train.py (fp32, compile off)"),
-                       ("ours", "ours, same settings"), ("fast", f"ours, {fast_label}")):  # fmt: skip
+                       ("ours", "ours, same settings"), ("fast", f"ours, {fast_label} ({fast_dtype})")):  # fmt: skip
         runs = res.runs[key]
         ms = statistics.median(r.median_ms for r in runs)
         ratio = "1.00x" if key == "nanogpt" else ratio_cell(runs, res.runs["nanogpt"])
-        mfu = fpt * tokens / (ms / 1e3) / peak
+        mfu = fpt * tokens / (ms / 1e3) / peaks[fast_dtype if key == "fast" else "float32"]
         wall = statistics.median(r.wall_s for r in runs)
         rss = statistics.median(r.peak_rss_mib for r in runs)
         lines.append(f"| {label} | {ms:.1f} | {ratio} | {mfu * 100:.1f}% | {wall:.1f} | {rss:,.0f} |")
@@ -205,9 +214,11 @@ def main() -> None:
     report, raw = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-nanogpt-") as tmp:
         work = Path(tmp)
-        prepare_our_data(work / "data")
-        # the fp32 matmul peak, best of before and after, as MFU's denominator for every run
-        peaks = [measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=1.0)]
+        prepare(our_config([f"data.root={work / 'data'}"]).data)
+        # MFU's denominators: the matmul peak in each run's dtype, best of before and after
+        fast_dtypes = {w.name: run_dtype(w.ours + args.fast) for w in workloads(args.char_iters, args.baby_iters)}
+        dtypes = {"float32", *fast_dtypes.values()}
+        before = {dtype: matmul_peak(dtype) for dtype in dtypes}
         for w in workloads(args.char_iters, args.baby_iters):
             if args.only and w.name != args.only:
                 continue
@@ -223,14 +234,14 @@ def main() -> None:
                           f"{run.wall_s:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
             raw[w.name] = {k: [vars(run) for run in runs] for k, runs in res.runs.items()}
             report.append((w, res))
-        peaks.append(measure_matmul_flops(torch.device("cpu"), torch.float32, seconds=1.0))
-    peak = max(peaks)
+        peaks = {dtype: max(before[dtype], matmul_peak(dtype)) for dtype in dtypes}
+    shown = ", ".join(f"{dtype} {flops / 1e9:.0f}" for dtype, flops in sorted(peaks.items()))
     print(f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (MFU's denominator)\n")  # fmt: skip
+          f"measured matmul peaks (GFLOP/s, MFU's denominators): {shown}\n")  # fmt: skip
     for w, res in report:
-        print(tables(w, res, fast_label, peak) + "\n")
+        print(tables(w, res, fast_label, fast_dtypes[w.name], peaks) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"peak_flops": peak, "runs": raw}, indent=1))
+        args.json.write_text(json.dumps({"peak_flops": peaks, "fast_dtypes": fast_dtypes, "runs": raw}, indent=1))
 
 
 if __name__ == "__main__":
