@@ -118,6 +118,11 @@ def train(config: TrainConfig, run: RunInfo) -> float:
             # collectives: their vaguer errors ("connection closed by peer") must not overwrite it
             if read_status(run_dir).get("status") != "failed":
                 write_status(run_dir, status, error=f"rank {dist.rank}: {error}" if dist.enabled else error)
+            elif distributed.is_rank_process():
+                # ...nor be the one the launcher reports: the in-job launcher polls every 0.2 s and,
+                # finding several ranks dead, names the lowest. A rank that failed after a peer
+                # outlives that peer's exit
+                time.sleep(1.0)
         elif dist.is_main:
             write_status(run_dir, status, error=error)
         if status != "failed" or not distributed.is_rank_process():
