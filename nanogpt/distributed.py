@@ -12,6 +12,7 @@ no peers, so only an srun step (SLURM_STEP_NUM_TASKS > 1) joins.
 """
 
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,16 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+MONITOR_INTERVAL_S = 0.2  # how often the in-job launcher looks for dead ranks: a fraction of a second
+
+
+def outlive_first_failure() -> None:
+    """Called by a rank that failed after a peer did. The in-job launcher, finding several ranks
+    dead at one look, reports the lowest: outliving the peer's exit by a few looks makes it report
+    the peer's error, not this rank's vaguer one ("connection closed by peer")."""
+    time.sleep(5 * MONITOR_INTERVAL_S)
+
+
 def spawn(fn: Callable, args: tuple, nproc: int, system: SystemConfig):
     """Run fn(*args) in nproc local ranks with PyTorch's elastic launcher; return rank 0's result.
     A failing rank ends the others and raises ChildFailedError with its error."""
@@ -127,7 +138,7 @@ def spawn(fn: Callable, args: tuple, nproc: int, system: SystemConfig):
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=0,
-        monitor_interval=0.2,  # notice a dead rank within a fraction of a second
+        monitor_interval=MONITOR_INTERVAL_S,
         start_method="spawn",
     )
     if nproc > torch.cuda.device_count() and system.device.startswith("cuda"):

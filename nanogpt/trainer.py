@@ -119,10 +119,7 @@ def train(config: TrainConfig, run: RunInfo) -> float:
             if read_status(run_dir).get("status") != "failed":
                 write_status(run_dir, status, error=f"rank {dist.rank}: {error}" if dist.enabled else error)
             elif distributed.is_rank_process():
-                # ...nor be the one the launcher reports: the in-job launcher polls every 0.2 s and,
-                # finding several ranks dead, names the lowest. A rank that failed after a peer
-                # outlives that peer's exit
-                time.sleep(1.0)
+                distributed.outlive_first_failure()  # ...nor be the one the launcher reports
         elif dist.is_main:
             write_status(run_dir, status, error=error)
         if status != "failed" or not distributed.is_rank_process():
