@@ -24,23 +24,22 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nanogpt import distributed
 from nanogpt.cli import job, run_cli
-from nanogpt.config import ConfigError, TrainConfig, to_train_config
-from nanogpt.device import GPU_PEAK_BF16, autocast, configure_backends, measure_matmul_flops, resolve_device, resolve_dtype, use_compile
-from nanogpt.dropout import set_parallel_dropout
-from nanogpt.model import GPT
-from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.config import TrainConfig, build, to_train_config
+from nanogpt.device import configure_backends, resolve_device, resolve_dtype, use_compile
+from nanogpt.errors import UserError
+from nanogpt.flops import measure_matmul_flops, published_peak
 from nanogpt.rundir import seconds_since_process_start
+from nanogpt.trainer import Training, build_model, train_step
 
 gc.freeze()  # ...and no later collection walks them
 gc.enable()
@@ -78,14 +77,6 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def published_peak(device: torch.device) -> float | None:
-    """The GPU's published dense bf16 peak, FLOP/s, when its name is known."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for fragment, flops in GPU_PEAK_BF16 if fragment in name), None)
-
-
 def synthetic_batches(
     batch_size: int, block_size: int, vocab_size: int, device: torch.device, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,11 +97,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+class Waited:
+    """An iterator that counts the seconds its consumer waits for items."""
+
+    def __init__(self, items: Iterator):
+        self.items, self.seconds = items, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        item = next(self.items)
+        self.seconds += time.perf_counter() - t
+        return item
+
+
 def bench(config: BenchConfig) -> dict:
     """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
     b = config.bench
     if b.iters < 1 or b.warmup < 0 or b.data not in ("real", "synthetic"):
-        raise ConfigError(f"bench.iters must be >= 1, bench.warmup >= 0, bench.data real or synthetic: got {b}")
+        raise UserError(f"bench.iters must be >= 1, bench.warmup >= 0, bench.data real or synthetic: got {b}")
 
     # 1) device, precision, threads and seed, as the trainer sets them for one process
     device = resolve_device(config.system)
@@ -118,72 +125,41 @@ def bench(config: BenchConfig) -> dict:
     torch.set_num_threads(distributed.num_threads(config.system, 1))
     torch.manual_seed(config.system.seed)
     configure_backends(config.system, device)
-    ctx = autocast(device, dtype)
     micro_steps = config.gradient_accumulation_steps
-    batch_size, block_size = config.data.batch_size, config.model.block_size
+    batch_size = config.data.batch_size
 
-    # 2) batches and the vocabulary they imply
+    # 2) model, optimizer and batches: the trainer's builders
+    data = build(config.data)
     if b.data == "real":
-        prepare(config.data)
-        vocab = config.model.vocab_size or load_meta(data_dir(config.data))["vocab_size"]
-        loader = instantiate(
-            config.data, block_size=block_size, device=device, seed=config.system.seed, micro_steps=micro_steps
-        )
-        batches = loader.train_batches(0)
+        data.prepare()
+    meta = data.meta if b.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
+    raw_model = build_model(config, meta, saved=None).to(device)
+    model = distributed.parallelize(raw_model, config.system, device, distributed.DistInfo())
+    optimizers = build(config.optim, model=raw_model, device_type=device.type)
+    training = Training(model, raw_model, optimizers, device, dtype, micro_steps, config.grad_clip)
+    block_size = raw_model.config.block_size
+    if b.data == "real":
+        loader = data.loader(block_size=block_size, device=device, seed=config.system.seed, micro_steps=micro_steps)
+        batches = Waited(loader.train_batches(0))
     else:
-        vocab = config.model.vocab_size or GPT2_VOCAB
-        batches = synthetic_batches(batch_size, block_size, vocab, device, config.system.seed)
-    pad = config.model.vocab_pad_multiple
-    vocab = -(-vocab // pad) * pad
+        batches = Waited(synthetic_batches(batch_size, block_size, raw_model.config.vocab_size, device, config.system.seed))
+    sync = torch.cuda.synchronize if device.type == "cuda" else None  # the device's time, not the host's queueing
 
-    # 3) model, optimizer, loss scaling: the trainer's builders
-    raw_model = GPT(replace(config.model, vocab_size=vocab)).to(device)
-    set_parallel_dropout(raw_model, config.system.parallel_dropout)
-    model = torch.compile(raw_model) if use_compile(config.system, device) else raw_model
-    optimizers = instantiate(config.optim, model=raw_model, device_type=device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step() -> float:
-        """One training iteration; returns the seconds spent waiting for batches."""
-        waited = 0.0
-        for _ in range(micro_steps):
-            t = time.perf_counter()
-            x, y = next(batches)
-            waited += time.perf_counter() - t
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / micro_steps
-            scaler.scale(loss).backward()
-        if scaler.is_enabled():
-            for opt in optimizers:
-                scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        for opt in optimizers:
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        sync()  # the device's time, not the host's queueing
-        return waited
-
-    # 4) warm-up, then the timed iterations
+    # 3) warm-up, then the timed iterations: the trainer's step
     startup_s = seconds_since_process_start()
     step_s, data_s = [], []
     for i in range(b.warmup + b.iters):
-        t = time.perf_counter()
-        waited = step()
+        t, waited = time.perf_counter(), batches.seconds
+        train_step(training, batches, after_step=sync)
         if i == 0:
             first_iter_s = time.perf_counter() - t
         if i >= b.warmup:
             step_s.append(time.perf_counter() - t)
-            data_s.append(waited)
+            data_s.append(batches.seconds - waited)
     if b.data == "real":
-        batches.close()  # stops the prefetch thread
+        batches.items.close()  # stops the prefetch thread
 
-    # 5) the figures
+    # 4) the figures
     median = statistics.median(step_s)
     tokens_per_iter = micro_steps * batch_size * block_size
     tokens_per_s = tokens_per_iter / median
@@ -195,7 +171,7 @@ def bench(config: BenchConfig) -> dict:
     return {
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "compile": model is not raw_model,
+        "compile": use_compile(config.system, device),
         "params": raw_model.get_num_params(non_embedding=False),
         "batch_size": batch_size,
         "block_size": block_size,

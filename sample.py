@@ -16,33 +16,22 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from nanogpt.checkpoint import find_newest_run, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from nanogpt.checkpoint import find_newest_run, load_model
 from nanogpt.cli import job, run_cli
-from nanogpt.config import ConfigError, SampleConfig, SystemConfig
+from nanogpt.config import SampleConfig, SystemConfig
 from nanogpt.device import autocast, resolve_device, resolve_dtype
-from nanogpt.model import GPTConfig
-from nanogpt.tokenizer import TiktokenTokenizer, tokenizer_from_meta
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import tokenizer_from_meta
 
 gc.freeze()  # ...and no later collection walks them
 gc.enable()
 
 
-def load_for_sampling(init_from: str | None, runs_root: str):
-    """(model, tokenizer) from a run folder, a checkpoint, or pretrained GPT-2 weights."""
-    if init_from is None:
-        run = find_newest_run(Path(runs_root))
-        if run is None:
-            raise ConfigError(f"no runs with a checkpoint under {runs_root}/: train first or pass init_from=<run folder>")
-        init_from = str(run)
-    path = Path(init_from).expanduser()
-    if path.suffix == ".pt" or (path.is_dir() and not (path / "config.json").exists()):
-        state = load_checkpoint(resolve_checkpoint(path))
-        meta = state.get("meta") or {"tokenizer": "gpt2"}  # nanoGPT's own checkpoints: GPT-2 BPE
-        return model_from_checkpoint(state), tokenizer_from_meta(meta)
-    from nanogpt.pretrained import load_pretrained
-
-    model = load_pretrained(init_from, GPTConfig(block_size=1024))
-    return model, TiktokenTokenizer("gpt2")
+def newest_run(runs_root: str) -> str:
+    run = find_newest_run(Path(runs_root))
+    if run is None:
+        raise UserError(f"no runs with a checkpoint under {runs_root}/: train first or pass init_from=<run folder>")
+    return str(run)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -54,7 +43,8 @@ def main(cfg) -> None:
     ctx = autocast(device, resolve_dtype(system, device))
     torch.manual_seed(c.seed)
 
-    model, tokenizer = load_for_sampling(c.init_from, c.runs_root)
+    model, meta = load_model(c.init_from or newest_run(c.runs_root))
+    tokenizer = tokenizer_from_meta(meta or {"tokenizer": "gpt2"})  # GPT-2 and nanoGPT's checkpoints: GPT-2 BPE
     model.eval().to(device)
     if c.compile:
         model = torch.compile(model)
@@ -63,7 +53,7 @@ def main(cfg) -> None:
     try:
         ids = tokenizer.encode(start)
     except ValueError as e:
-        raise ConfigError(f"the prompt cannot be encoded with this run's vocabulary: {e}") from None
+        raise UserError(f"the prompt cannot be encoded with this run's vocabulary: {e}") from None
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     with torch.no_grad(), ctx:
         for _ in range(c.num_samples):

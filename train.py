@@ -17,10 +17,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nanogpt.cli import job, launch, run_cli, run_info_from_hydra
+from nanogpt.cli import job, run_cli, run_info_from_hydra
 from nanogpt.config import to_train_config
 from nanogpt.rundir import RunInfo
 from nanogpt.sweep import write_pending
+from nanogpt.trainer import launch
 
 gc.freeze()  # ...and no later collection walks them
 gc.enable()

@@ -1,21 +1,76 @@
-"""Checkpoints: atomic saves, safe loads, and the RNG states that make a resume exact.
+"""Checkpoints: the format of a run's saved state, and every way a command loads weights.
 
 A checkpoint is a dict of tensors and plain Python types only, so `torch.load(weights_only=True)`
-opens it without running code. Saves go to a temporary file in the same folder, are fsynced,
-then renamed over the old file: a kill or a full disk mid-save leaves the previous one intact.
+opens it without running code. Its keys: model, optimizers, scaler, model_args, config, meta,
+provenance, and the TrainState's fields (iter_num and best_val_loss as nanoGPT names them).
+Saves go to a temporary file in the same folder, are fsynced, then renamed over the old file: a
+kill or a full disk mid-save leaves the previous one intact.
+
+A run folder holds ckpt.pt, the latest state (what a resume continues), and best.pt, the weights
+of the best val loss when always_save_checkpoint=false. Weights taken from a run folder
+(`init_from`, sampling, export) come from best.pt when there is one, else ckpt.pt.
 """
 
+import dataclasses
+import math
 import os
 import random
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanogpt.config import ConfigError
+from nanogpt import distributed
+from nanogpt.errors import UserError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import GPT2_NAMES, load_pretrained
 
 LAST, BEST = "ckpt.pt", "best.pt"
+
+
+@dataclass
+class TrainState:
+    """What the training loop carries from one iteration to the next, and a resume restores."""
+
+    iter_num: int = 0  # iterations done
+    best_val_loss: float = math.inf
+    train_time_s: float = 0.0  # time spent in steps so far, over every resume: metrics' time axis
+    tracker_ids: dict[str, str] = field(default_factory=dict)  # tracker name -> its run id, to continue that run
+    rng: list[dict] = field(default_factory=list)  # every rank's RNG states, by rank (filled when saved)
+
+
+class Checkpointer:
+    """Saves and restores a run's full state in its folder. Every rank calls save (the RNG states
+    are gathered from all of them); rank 0 writes."""
+
+    def __init__(self, run_dir: Path, model: GPT, optimizers: list, scaler, dist: distributed.DistInfo, **extra):
+        self.run_dir, self.model, self.optimizers, self.scaler, self.dist = Path(run_dir), model, optimizers, scaler, dist
+        self.extra = extra  # config, meta, provenance: written as they are
+
+    def save(self, state: TrainState, name: str = LAST) -> None:
+        rng = distributed.gather_objects(rng_state(), self.dist)  # a collective: every rank calls it
+        if self.dist.is_main:
+            full = {
+                "model": self.model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "scaler": self.scaler.state_dict(),
+                "model_args": dataclasses.asdict(self.model.config),
+                **dataclasses.asdict(dataclasses.replace(state, rng=rng)),
+                **self.extra,
+            }
+            save_checkpoint(full, self.run_dir / name)
+
+    def restore(self, saved: dict) -> TrainState:
+        """Optimizers, loss scaler and this rank's RNGs from a checkpoint of this run (the model
+        was built from it); the TrainState to continue from."""
+        for opt, opt_state in zip(self.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        self.scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
+        if self.dist.rank < len(state.rng):
+            set_rng_state(state.rng[self.dist.rank])
+        return state
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -26,7 +81,6 @@ def save_checkpoint(state: dict, path: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _test_pause(path)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
@@ -36,16 +90,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise ConfigError(f"could not save checkpoint {path} ({reason}): is the disk full? The previous checkpoint is intact") from None
-
-
-def _test_pause(path: Path) -> None:
-    """Test hook: NANOGPT_TEST_PAUSE_BEFORE_RENAME=<seconds> stops here, with the temporary file
-    written and the rename not done, and announces it with a <path>.paused file."""
-    seconds = os.environ.get("NANOGPT_TEST_PAUSE_BEFORE_RENAME")
-    if seconds:
-        path.with_name(path.name + ".paused").touch()
-        time.sleep(float(seconds))
+        raise UserError(f"could not save checkpoint {path} ({reason}): is the disk full? The previous checkpoint is intact") from None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -53,44 +98,65 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     types are refused, which is what a malicious or foreign file would need."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}")
+        raise UserError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError for damage
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "it holds pickled Python objects, which could run code; refused"
-        raise ConfigError(f"cannot load checkpoint {path}: {reason}") from None
+        raise UserError(f"cannot load checkpoint {path}: {reason}") from None
     if not isinstance(state, dict):
-        raise ConfigError(f"cannot load checkpoint {path}: not a checkpoint dictionary")
+        raise UserError(f"cannot load checkpoint {path}: not a checkpoint dictionary")
     return state
 
 
-def find_checkpoint(run_dir: Path) -> Path | None:
+def resume_state(run_dir: Path, init_from: str) -> dict | None:
+    """This run's own latest checkpoint, if any: it wins over init_from, which is how a requeued
+    job resumes by itself."""
     path = Path(run_dir) / LAST
-    return path if path.exists() else None
+    if path.exists():
+        return load_checkpoint(path)
+    if init_from == "resume":
+        raise UserError(f"init_from=resume but there is no checkpoint in {run_dir}: resume with python train.py resume=<run folder>")
+    return None
 
 
-def rng_state() -> dict:
-    """Every RNG a run's future may depend on, as tensors and lists (weights_only-safe)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
+def weights_file(path: Path) -> Path:
+    """The checkpoint a path names: a file as it is; a run folder's best.pt, else its ckpt.pt."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).exists():
+                return path / name
+        raise UserError(f"no checkpoint in {path}")
+    return path
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def is_checkpoint(path: Path) -> bool:
+    path = Path(path).expanduser()
+    return path.suffix == ".pt" or (path.is_dir() and any((path / name).exists() for name in (BEST, LAST)))
+
+
+def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict | None]:
+    """The weights `init_from` names, on the CPU, and the vocabulary they were trained on (a data
+    folder's meta; None for GPT-2 and Hugging Face weights, which use GPT-2's BPE):
+    - a run folder or a checkpoint file, ours or nanoGPT's;
+    - gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder.
+    Hugging Face weights take `model`'s dropout and a shorter block_size (a checkpoint is loaded as
+    it was saved)."""
+    if source not in GPT2_NAMES and is_checkpoint(source):
+        state = load_checkpoint(weights_file(source))
+        if "model_args" not in state or "model" not in state:
+            raise UserError(f"{source} has no model_args: not a nanoGPT or nanogpt checkpoint")
+        return model_from_state(state), state.get("meta")
+    return load_pretrained(source, model or GPTConfig()), None
+
+
+def model_from_state(state: dict) -> GPT:
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict(strip_prefixes(state["model"]))
+    return model
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -113,20 +179,23 @@ def find_newest_run(root: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder means its best.pt when there is one (always_save_checkpoint=false), else ckpt.pt."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        for name in (BEST, LAST):
-            if (path / name).exists():
-                return path / name
-        raise ConfigError(f"no checkpoint in {path}")
-    return path
+def rng_state() -> dict:
+    """Every RNG a run's future may depend on, as tensors and lists (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
 
 
-def model_from_checkpoint(state: dict):
-    from nanogpt.model import GPT, GPTConfig
-
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(strip_prefixes(state["model"]))
-    return model
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,6 +1,6 @@
 """What the command-line scripts share: resuming by folder, launching ranks, reporting errors.
 
-Errors of ours (ConfigError) are raised inside the job function, so a multirun records that job
+Errors of ours (UserError) are raised inside the job function, so a multirun records that job
 as failed and goes on; for a single run they become one line on stderr and exit status 2 here,
 outside the job. A signal-stopped run exits with 128 + the signal's number.
 """
@@ -14,18 +14,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt import distributed
-from nanogpt.config import ConfigError, TrainConfig
+from nanogpt.errors import Interrupted, UserError
 from nanogpt.rundir import RunInfo
-from nanogpt.trainer import Interrupted, train
 
 
 class ReportedError(BaseException):
-    """A ConfigError of a single (non-sweep) run, on its way out of Hydra to run_cli.
+    """A UserError of a single (non-sweep) run, on its way out of Hydra to run_cli.
     A BaseException so that Hydra's own reporting, which prints tracebacks, lets it pass."""
 
 
 def job(fn: Callable) -> Callable:
-    """Decorate a Hydra task function: ConfigError ends a single run with one line."""
+    """Decorate a Hydra task function: UserError ends a single run with one line."""
 
     @wraps(fn)
     def wrapper(cfg: DictConfig):
@@ -34,7 +33,7 @@ def job(fn: Callable) -> Callable:
 
         try:
             return fn(cfg)
-        except ConfigError as e:
+        except UserError as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
             raise ReportedError(str(e)) from None
@@ -55,20 +54,6 @@ def run_info_from_hydra() -> RunInfo:
         sweep_dir=str(Path(hc.sweep.dir).absolute()) if multirun else None,
         job_num=hc.job.num if multirun else None,
     )
-
-
-def launch(config: TrainConfig, run: RunInfo) -> float:
-    """Train in this process, or start system.nproc_per_node ranks and wait for them."""
-    nproc = config.system.nproc_per_node
-    if distributed.is_rank_process() or nproc == 1:
-        return train(config, run)
-    return distributed.spawn(_rank_entry, (config, run), nproc, config.system)
-
-
-def _rank_entry(config: TrainConfig, run: RunInfo) -> float:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    return record(train)(config, run)  # record: the launcher shows this rank's error
 
 
 def expand_resume(argv: list[str]) -> list[str]:
@@ -98,7 +83,7 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
                 cfg = compose(config_name="config", overrides=sys.argv[1:])
             try:
                 follower(cfg)
-            except ConfigError as e:
+            except UserError as e:
                 raise ReportedError(str(e)) from None
         else:
             main()

@@ -1,8 +1,11 @@
 """Typed schemas of the configuration groups, registered in Hydra's ConfigStore.
 
 Each YAML option in conf/<group>/ names its schema in its defaults list, so a misspelt key or a
-wrong type fails at composition, before any work. The entry point converts the composed
-DictConfig once (`to_train_config`); from there on the package sees plain dataclasses.
+wrong type fails at composition, before any work. A schema's defaults are the values a run gets:
+a group with one option per schema (optim, schedule, logger) has a YAML equal to its schema, and a
+preset of a shared schema (model, data, system) sets only what differs. The entry point converts
+the composed DictConfig once (`to_train_config`); from there on the package sees plain
+dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names.
 """
 
 from dataclasses import dataclass, field
@@ -10,23 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.utils import get_method
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from nanogpt.errors import UserError
+from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
 
 ASSETS = Path(__file__).parent / "assets"
 
 
-class ConfigError(Exception):
-    """A setting or an input file is wrong. The message says what and how to fix it.
-
-    Raised inside the job function, so a multirun records that one job as failed and goes on;
-    only the command-line entry turns it into a one-line message and a non-zero exit."""
-
-
 @dataclass
 class DataConfig:
-    _target_: str = "nanogpt.data.build_loader"
+    _target_: str = "nanogpt.data.TokenData"
     name: str = MISSING  # prepared data lives in <root>/<name>
     root: str = "data"  # outside the run folders: runs share prepared data
     source: list[str] = field(default_factory=list)  # text files or folders to tokenise
@@ -40,17 +39,20 @@ class DataConfig:
 @dataclass
 class AdamWConfig:
     _target_: str = "nanogpt.optim.build_adamw"
-    learning_rate: float = 6e-4  # peak learning rate
+    learning_rate: float = 1e-3  # peak rate; nanoGPT's 6e-4 is GPT-2 124M's, 1e-3 suits small models
     weight_decay: float = 0.1  # on 2-D weights only; biases, norms and gains are not decayed
     beta1: float = 0.9
-    beta2: float = 0.95
-    fused: bool | None = None  # None: fused kernel where the device has one
+    beta2: float = 0.99  # nanoGPT's default is 0.95; 0.99 suits few tokens per iteration
+    fused: bool | None = None  # None: the fused kernel where the device has one
 
 
 @dataclass
 class MuonConfig(AdamWConfig):
     _target_: str = "nanogpt.optim.build_muon"
-    muon_learning_rate: float = 0.02  # for the 2-D hidden weights; AdamW's learning_rate for the rest
+    learning_rate: float = 2e-2  # AdamW's part (embeddings, head, norms, biases): they learn fast
+    weight_decay: float = 0.0
+    beta2: float = 0.95
+    muon_learning_rate: float = 5e-3  # the 2-D hidden weights; update RMS 0.2 x this (match_rms_adamw)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
 
@@ -60,7 +62,7 @@ class CosineScheduleConfig:
     _target_: str = "nanogpt.optim.cosine_schedule"
     decay_lr: bool = True  # False: constant learning rate after warmup
     warmup_iters: int = 100
-    lr_decay_iters: int = 5000  # ~ max_iters per Chinchilla
+    lr_decay_iters: int = II("max_iters")  # decay over the whole run (~ max_iters per Chinchilla)
     min_lr: float = 1e-4  # ~ learning_rate / 10 per Chinchilla
 
 
@@ -68,8 +70,8 @@ class CosineScheduleConfig:
 class WSDScheduleConfig:
     _target_: str = "nanogpt.optim.wsd_schedule"
     warmup_iters: int = 100
-    lr_decay_iters: int = 5000  # the schedule ends here, like cosine's
-    decay_fraction: float = 0.2  # the last 20% of lr_decay_iters decay linearly to min_lr
+    lr_decay_iters: int = II("max_iters")  # the schedule ends here, like cosine's
+    decay_fraction: float = 0.5  # the last half of lr_decay_iters decays linearly to min_lr
     min_lr: float = 0.0
 
 
@@ -90,8 +92,8 @@ class SystemConfig:
 
 
 @dataclass
-class LoggerConfig:
-    kind: str = "none"  # none | wandb
+class WandbConfig:
+    _target_: str = "nanogpt.tracking.start_wandb"
     project: str = "nanogpt"
     entity: str | None = None
     name: str | None = None  # None: the job name and its overrides
@@ -107,7 +109,7 @@ class TrainConfig:
     optim: Any = MISSING  # AdamWConfig or MuonConfig
     schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: dict[str, Any] = field(default_factory=dict)  # the trackers, by name: {} or {"wandb": WandbConfig}
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
     max_iters: int = 2000
@@ -137,23 +139,29 @@ class SampleConfig:
     runs_root: str = "outputs"  # where the newest run is looked for
 
 
+# Schemas are stored outside any group (a YAML option names one as /<name>@_here_), so that
+# `--help` and tab completion offer only the YAML options of each group.
+SCHEMAS = {
+    "train_schema": TrainConfig,
+    "sample_schema": SampleConfig,
+    "model_schema": GPTConfig,
+    "data_schema": DataConfig,
+    "adamw_schema": AdamWConfig,
+    "muon_schema": MuonConfig,
+    "cosine_schema": CosineScheduleConfig,
+    "wsd_schema": WSDScheduleConfig,
+    "system_schema": SystemConfig,
+    "wandb_schema": WandbConfig,
+}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="sample_schema", node=SampleConfig)
-    cs.store(group="model", name="model_schema", node=GPTConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="optim", name="adamw_schema", node=AdamWConfig)
-    cs.store(group="optim", name="muon_schema", node=MuonConfig)
-    cs.store(group="schedule", name="cosine_schema", node=CosineScheduleConfig)
-    cs.store(group="schedule", name="wsd_schema", node=WSDScheduleConfig)
-    cs.store(group="system", name="system_schema", node=SystemConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 def _fast_cpu_dtype() -> str:
-    from nanogpt.device import cpu_has_fast_bf16  # imported here: nanogpt.device imports this module
-
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
@@ -171,7 +179,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         # GPTConfig checks its own invariants in __post_init__; the composed node skipped it
         config.model = GPTConfig(**vars(config.model))
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     validate(config)
     return config
 
@@ -189,14 +197,22 @@ def validate(c: TrainConfig) -> None:
     }
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
+            raise UserError(f"{key}={value} must be positive")
     if c.max_iters < 0:
-        raise ConfigError(f"max_iters={c.max_iters} must be >= 0")
+        raise UserError(f"max_iters={c.max_iters} must be >= 0")
     if c.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"nan_policy={c.nan_policy!r}: choose stop or skip")
+        raise UserError(f"nan_policy={c.nan_policy!r}: choose stop or skip")
     if c.system.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"system.dtype={c.system.dtype!r}: choose auto, float32, bfloat16 or float16")
-    if c.logger.kind not in ("none", "wandb"):
-        raise ConfigError(f"logger.kind={c.logger.kind!r}: choose none or wandb")
+        raise UserError(f"system.dtype={c.system.dtype!r}: choose auto, float32, bfloat16 or float16")
     if not 0 < c.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
+        raise UserError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
+
+
+def build(node, **runtime):
+    """Call the builder a group's `_target_` names with the group's dataclass and the runtime
+    dependencies (model, device, ...) as keywords: one level, never a tree of objects."""
+    try:
+        builder = get_method(node._target_)
+    except Exception as e:
+        raise UserError(f"_target_={node._target_!r} cannot be imported ({e})") from None
+    return builder(node, **runtime)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanogpt.config import ConfigError
-from nanogpt.prepare import load_meta
+from nanogpt.config import DataConfig
+from nanogpt.errors import UserError
+from nanogpt.prepare import data_dir, load_meta, prepare
 
 TRAIN, EVAL = 0, 1
 SPLITS = {"train": 0, "val": 1}
@@ -40,7 +41,7 @@ class BatchLoader:
         for split in SPLITS:
             n = self._memmap(split).size
             if n <= block_size:
-                raise ConfigError(
+                raise UserError(
                     f"block_size {block_size} is larger than the {split} split of {self.path} ({n} tokens): "
                     "lower model.block_size or add data"
                 )
@@ -49,7 +50,7 @@ class BatchLoader:
         # re-opened per batch, as nanoGPT does: a long-lived memmap's pages count as leaked memory
         file = self.path / f"{split}.bin"
         if not file.exists() or file.stat().st_size == 0:
-            raise ConfigError(f"{file} is missing or empty: prepare the data again (delete {self.path})")
+            raise UserError(f"{file} is missing or empty: prepare the data again (delete {self.path})")
         return np.memmap(file, dtype=self.meta["dtype"], mode="r")
 
     def _host_batch(self, split: str, key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,20 +91,24 @@ class BatchLoader:
             yield self._to_device(self._host_batch(split, [self.seed, EVAL, SPLITS[split], k]))
 
 
-def build_loader(
-    name: str,
-    root: str,
-    batch_size: int,
-    prefetch: bool,
-    *,
-    block_size: int,
-    device: torch.device,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    micro_steps: int = 1,
-    **preparation,  # source, tokenizer, val_fraction, hf_dataset: read by nanogpt.prepare, not here
-) -> BatchLoader:
-    return BatchLoader(
-        Path(root).expanduser() / name, batch_size, block_size, device, seed, rank, world_size, micro_steps, prefetch
-    )
+class TokenData:
+    """The data group's entry point (its `_target_`): a folder of token memmaps, prepared from the
+    group's sources on first use. Rank 0 calls prepare() while the other ranks wait; then every
+    rank reads meta and draws its batches. Another kind of data is another class with these three."""
+
+    def __init__(self, config: DataConfig):
+        self.config, self.path = config, data_dir(config)
+
+    def prepare(self) -> None:
+        prepare(self.config)
+
+    @property
+    def meta(self) -> dict:
+        """The vocabulary (tokenizer, vocab_size, chars) and token counts of the prepared folder."""
+        return load_meta(self.path)
+
+    def loader(
+        self, *, block_size: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1, micro_steps: int = 1
+    ) -> BatchLoader:
+        c = self.config
+        return BatchLoader(self.path, c.batch_size, block_size, device, seed, rank, world_size, micro_steps, c.prefetch)

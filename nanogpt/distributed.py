@@ -15,13 +15,18 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.config import ConfigError, SystemConfig
+from nanogpt.config import SystemConfig
+from nanogpt.device import use_compile
+from nanogpt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,23 @@ def setup(system: SystemConfig, device_type: str) -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=system.dist_timeout_s))
     return info
+
+
+def parallelize(model: nn.Module, system: SystemConfig, device: torch.device, info: DistInfo) -> nn.Module:
+    """The one place that wraps a model for training: torch.compile, then DDP across ranks. The
+    result runs forward and backward (and evaluation, as in nanoGPT); the model passed in stays
+    the plain module that is saved, so checkpoints never carry _orig_mod. or module. prefixes."""
+    if use_compile(system, device):
+        model = torch.compile(model)
+    if info.enabled:
+        model = DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    return model
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
+    """Whether this micro-step's backward synchronises gradients across ranks: with gradient
+    accumulation only the last micro-step of an iteration needs to."""
+    return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 
 def teardown() -> None:
@@ -142,5 +164,5 @@ def spawn(fn: Callable, args: tuple, nproc: int, system: SystemConfig):
         start_method="spawn",
     )
     if nproc > torch.cuda.device_count() and system.device.startswith("cuda"):
-        raise ConfigError(f"system.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices")
+        raise UserError(f"system.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices")
     return elastic_launch(config, fn)(*args)[0]

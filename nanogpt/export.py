@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from nanogpt.config import ConfigError
+from nanogpt.checkpoint import load_checkpoint, model_from_state, weights_file
+from nanogpt.errors import UserError
 from nanogpt.model import GPT
-from nanogpt.pretrained import HF_EXTRA, conv1d_weights
-
-HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}  # GPT-2 itself: gelu_new
+from nanogpt.pretrained import HF_ACTIVATION, HF_EXTRA, conv1d_weights, not_in_gpt2
 # tiktoken's gpt2 encoding is built from OpenAI's original GPT-2 files, which are exactly
 # Hugging Face's vocab.json and merges.txt; tiktoken caches them (TIKTOKEN_CACHE_DIR) by URL
 GPT2_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -30,14 +28,6 @@ GPT2_FILES = {  # file name here: (file name there, its sha256 as tiktoken check
     "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
 EOT = 50256  # <|endoftext|>
-
-
-def unsupported(model: GPT) -> list[str]:
-    """Settings of the model that Hugging Face's GPT-2 cannot express."""
-    c = model.config
-    found = {"norm": c.norm != "layernorm", "pos_emb": c.pos_emb != "learned", "qk_norm": c.qk_norm,
-             "logit_softcap": c.logit_softcap > 0}
-    return [f"model.{k}={getattr(c, k)!r}" for k, bad in found.items() if bad]
 
 
 def hf_config(model: GPT, gpt2_bpe: bool) -> dict:
@@ -92,7 +82,7 @@ def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
         try:
             files[name] = tiktoken.load.read_file_cached(GPT2_BPE + source, sha256)
         except Exception as e:  # no network and no cached copy
-            raise ConfigError(
+            raise UserError(
                 f"could not get GPT-2's tokenizer file {source} ({type(e).__name__}): "
                 "offline, point TIKTOKEN_CACHE_DIR at tiktoken's cache, as for preparing the data"
             ) from None
@@ -103,18 +93,18 @@ def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
 
 def export(run: Path, out: Path) -> list[str]:
     """Write the run's model into out as a Hugging Face GPT-2 folder; return the files written."""
-    path = resolve_checkpoint(Path(run))
+    path = weights_file(Path(run))
     state = load_checkpoint(path)
     if "model_args" not in state or "model" not in state:
-        raise ConfigError(f"{path} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
-    model = model_from_checkpoint(state)
-    bad = unsupported(model)
+        raise UserError(f"{path} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
+    model = model_from_state(state)
+    bad = not_in_gpt2(model.config)
     if bad:
-        raise ConfigError(f"cannot export {path} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")
+        raise UserError(f"cannot export {path} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ConfigError(f"export needs safetensors: {HF_EXTRA}") from None
+        raise UserError(f"export needs safetensors: {HF_EXTRA}") from None
 
     gpt2_bpe = (state.get("meta") or {}).get("tokenizer") == "gpt2"
     files = {"config.json": (json.dumps(hf_config(model, gpt2_bpe), indent=2) + "\n").encode()}
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = export(args.run, args.out)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {', '.join(written)} to {args.out}")

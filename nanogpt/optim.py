@@ -1,8 +1,8 @@
 """Optimizers with weight-decay groups, and learning-rate schedules.
 
-Builders take the optim/schedule group's keys plus runtime dependencies as keywords, and are
-named by the group's `_target_`. Optimizers come as a list: Muon needs AdamW beside it.
-Each parameter group keeps its peak rate in "base_lr"; the schedule scales all of them alike.
+Builders take their group's config dataclass plus runtime dependencies as keywords, and are named
+by the group's `_target_`. Optimizers come as a list: Muon needs AdamW beside it. A schedule is a
+multiplier of each parameter group's own peak rate, the rate it was built with (set_lr).
 """
 
 import math
@@ -11,14 +11,16 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from nanogpt.config import AdamWConfig, CosineScheduleConfig, MuonConfig, WSDScheduleConfig
+
 
 def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
     """2-D tensors (matmul weights, embeddings) decay; biases, norms and gains (1-D) do not."""
     decay = [p for _, p in params if p.dim() >= 2]
     no_decay = [p for _, p in params if p.dim() < 2]
     groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr},
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
     ]
     return [g for g in groups if g["params"]]
 
@@ -32,18 +34,13 @@ def use_fused(fused: bool | None, device_type: str) -> bool:
     return device_type in ("cuda", "cpu") if fused is None else fused
 
 
-def build_adamw(
-    learning_rate: float,
-    weight_decay: float,
-    beta1: float,
-    beta2: float,
-    fused: bool | None,
-    *,
-    model: nn.Module,
-    device_type: str,
-) -> list[torch.optim.Optimizer]:
-    groups = decay_groups(trainable(model), weight_decay, learning_rate)
-    return [torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=use_fused(fused, device_type))]
+def adamw(params: list[tuple[str, nn.Parameter]], c: AdamWConfig, device_type: str) -> torch.optim.AdamW:
+    groups = decay_groups(params, c.weight_decay, c.learning_rate)
+    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=use_fused(c.fused, device_type))
+
+
+def build_adamw(c: AdamWConfig, *, model: nn.Module, device_type: str) -> list[torch.optim.Optimizer]:
+    return [adamw(trainable(model), c, device_type)]
 
 
 class Muon(torch.optim.Muon):
@@ -101,19 +98,7 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     return x.mT if tall else x
 
 
-def build_muon(
-    learning_rate: float,
-    weight_decay: float,
-    beta1: float,
-    beta2: float,
-    fused: bool | None,
-    muon_learning_rate: float,
-    muon_momentum: float,
-    muon_weight_decay: float,
-    *,
-    model: nn.Module,
-    device_type: str,
-) -> list[torch.optim.Optimizer]:
+def build_muon(c: MuonConfig, *, model: nn.Module, device_type: str) -> list[torch.optim.Optimizer]:
     """Muon (Jordan et al. 2024) orthogonalises the momentum of the hidden 2-D weights with
     Newton-Schulz iterations; embeddings, the LM head and 1-D parameters stay with AdamW."""
     params = trainable(model)
@@ -121,64 +106,57 @@ def build_muon(
     hidden_ids = {id(p) for _, p in hidden}
     rest = [(n, p) for n, p in params if id(p) not in hidden_ids]
     muon = Muon(
-        [{"params": [p for _, p in hidden], "lr": muon_learning_rate, "base_lr": muon_learning_rate}],
-        lr=muon_learning_rate,
-        momentum=muon_momentum,
-        weight_decay=muon_weight_decay,
+        [p for _, p in hidden],
+        lr=c.muon_learning_rate,
+        momentum=c.muon_momentum,
+        weight_decay=c.muon_weight_decay,
         adjust_lr_fn="match_rms_adamw",  # scale the update to AdamW's RMS, so rates transfer across shapes
     )
-    adamw = torch.optim.AdamW(
-        decay_groups(rest, weight_decay, learning_rate),
-        lr=learning_rate,
-        betas=(beta1, beta2),
-        fused=use_fused(fused, device_type),
-    )
-    return [muon, adamw]
+    return [muon, adamw(rest, c, device_type)]
 
 
-def cosine_schedule(
-    decay_lr: bool, warmup_iters: int, lr_decay_iters: int, min_lr: float, *, learning_rate: float
-) -> Callable[[int], float]:
+def cosine_schedule(c: CosineScheduleConfig, *, learning_rate: float) -> Callable[[int], float]:
     """nanoGPT's get_lr, as a multiplier of each group's peak rate."""
+    floor = c.min_lr / learning_rate
 
     def lr_scale(it: int) -> float:
         # 1) linear warmup for warmup_iters steps; (it + 1) so the first step does not get lr 0
-        if it < warmup_iters:
-            return (it + 1) / (warmup_iters + 1)
-        if not decay_lr:
+        if it < c.warmup_iters:
+            return (it + 1) / (c.warmup_iters + 1)
+        if not c.decay_lr:
             return 1.0
-        floor = min_lr / learning_rate
         # 2) past lr_decay_iters, the floor
-        if it > lr_decay_iters:
+        if it > c.lr_decay_iters:
             return floor
         # 3) in between, cosine decay from 1 down to the floor
-        ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+        ratio = (it - c.warmup_iters) / max(1, c.lr_decay_iters - c.warmup_iters)
         return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
 
     return lr_scale
 
 
-def wsd_schedule(
-    warmup_iters: int, lr_decay_iters: int, decay_fraction: float, min_lr: float, *, learning_rate: float
-) -> Callable[[int], float]:
+def wsd_schedule(c: WSDScheduleConfig, *, learning_rate: float) -> Callable[[int], float]:
     """Warmup-stable-decay (trapezoid): linear warmup, flat, then linear decay to min_lr over the
     last decay_fraction of lr_decay_iters (Hägele et al. 2024)."""
-    decay_start = lr_decay_iters - int(decay_fraction * lr_decay_iters)
+    decay_start = c.lr_decay_iters - int(c.decay_fraction * c.lr_decay_iters)
+    floor = c.min_lr / learning_rate
 
     def lr_scale(it: int) -> float:
-        floor = min_lr / learning_rate
-        if it < warmup_iters:
-            return (it + 1) / (warmup_iters + 1)
+        if it < c.warmup_iters:
+            return (it + 1) / (c.warmup_iters + 1)
         if it < decay_start:
             return 1.0
-        if it >= lr_decay_iters:
+        if it >= c.lr_decay_iters:
             return floor
-        return floor + (1 - floor) * (lr_decay_iters - it) / max(1, lr_decay_iters - decay_start)
+        return floor + (1 - floor) * (c.lr_decay_iters - it) / max(1, c.lr_decay_iters - decay_start)
 
     return lr_scale
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
+    """Each group's rate = its peak rate x scale. The peak is the rate a group had when first seen
+    here, kept in the group as "base_lr" (so in the optimizer's state_dict, and a resume keeps it):
+    an optimizer builder needs to know nothing of schedules."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt.config import ConfigError, DataConfig
+from nanogpt.config import DataConfig
+from nanogpt.errors import UserError
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 CHUNK_CHARS = 1 << 20
@@ -35,7 +36,7 @@ def prepare(data: DataConfig, num_threads: int | None = None) -> Path:
     if (out / "meta.json").exists():
         return out
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"data folder {out} exists but has no meta.json: remove it or point data.root elsewhere")
+        raise UserError(f"data folder {out} exists but has no meta.json: remove it or point data.root elsewhere")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -59,7 +60,7 @@ def prepare(data: DataConfig, num_threads: int | None = None) -> Path:
 
 def source_files(sources: list[str]) -> list[Path]:
     if not sources:
-        raise ConfigError("data.source is empty: name text files or folders, e.g. data.source=[notes/,book.txt]")
+        raise UserError("data.source is empty: name text files or folders, e.g. data.source=[notes/,book.txt]")
     files = []
     for s in sources:
         p = Path(s).expanduser()
@@ -68,9 +69,9 @@ def source_files(sources: list[str]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise ConfigError(f"data.source: {s} does not exist")
+            raise UserError(f"data.source: {s} does not exist")
     if not files:
-        raise ConfigError(f"data.source {sources} holds no files")
+        raise UserError(f"data.source {sources} holds no files")
     return files
 
 
@@ -105,7 +106,7 @@ def _prepare_files(data: DataConfig, out: Path, num_threads: int) -> dict:
         if data.tokenizer == "char":
             alphabet.update(chunk)
     if n_chars == 0:
-        raise ConfigError(f"data.source {data.source} is empty")
+        raise UserError(f"data.source {data.source} is empty")
     n_train = int(n_chars * (1 - data.val_fraction))
 
     if data.tokenizer == "char":
@@ -148,9 +149,9 @@ def _tiktoken(encoding: str) -> TiktokenTokenizer:
     try:
         return TiktokenTokenizer(encoding)
     except ValueError as e:
-        raise ConfigError(f"data.tokenizer={encoding!r}: {e}") from None
+        raise UserError(f"data.tokenizer={encoding!r}: {e}") from None
     except Exception as e:  # network failure on first use
-        raise ConfigError(
+        raise UserError(
             f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}): it downloads on first use; "
             "offline, point TIKTOKEN_CACHE_DIR at a folder holding its files"
         ) from None
@@ -160,12 +161,12 @@ def _prepare_hf(data: DataConfig, out: Path, num_threads: int) -> dict:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise ConfigError(f"data={data.name} needs Hugging Face datasets: pip install -e '.[hf]'") from None
+        raise UserError(f"data={data.name} needs Hugging Face datasets: pip install -e '.[hf]'") from None
     tok = _tiktoken(data.tokenizer)
     try:
         ds = load_dataset(data.hf_dataset, num_proc=num_threads)["train"]
     except Exception as e:
-        raise ConfigError(
+        raise UserError(
             f"could not load the Hugging Face dataset {data.hf_dataset!r} ({type(e).__name__}: {e}); "
             "its first download needs the network"
         ) from None
@@ -194,12 +195,12 @@ def load_meta(path: Path) -> dict:
     """A data folder's meta.json (JSON, never pickle: opening a folder runs no code)."""
     meta_file = path / "meta.json"
     if not meta_file.exists():
-        raise ConfigError(f"no prepared data in {path}: run python -m nanogpt.prepare data=<name> (or just train)")
+        raise UserError(f"no prepared data in {path}: run python -m nanogpt.prepare data=<name> (or just train)")
     try:
         meta = json.loads(meta_file.read_text())
         meta["vocab_size"], meta["dtype"] = int(meta["vocab_size"]), str(meta["dtype"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{meta_file} is not a valid vocabulary file ({e}); prepare the data again") from None
+        raise UserError(f"{meta_file} is not a valid vocabulary file ({e}); prepare the data again") from None
     return meta
 
 

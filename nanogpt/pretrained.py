@@ -17,15 +17,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanogpt.config import ConfigError
+from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 
 log = logging.getLogger("nanogpt")
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HF_EXTRA = "pip install -e '.[hf]'"
-# Hugging Face activation_function -> ours. gelu_new and gelu_pytorch_tanh are both GELU's tanh form.
+# Hugging Face activation_function -> ours. gelu_new and gelu_pytorch_tanh are both GELU's tanh
+# form; an export writes gelu_new, GPT-2's own (the first name of each of ours)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}
+HF_ACTIVATION = {ours: hf for hf, ours in reversed(ACTIVATIONS.items())}
+# model settings GPT-2's format has no place for, with the one value GPT-2 has
+GPT2_FIXED = {"norm": "layernorm", "pos_emb": "learned", "qk_norm": False, "logit_softcap": 0.0}
 # GPT2Config's defaults: save_pretrained writes only the values that differ from them
 HF_DEFAULTS = {
     "vocab_size": 50257,
@@ -42,7 +46,7 @@ HF_DEFAULTS = {
     "tie_word_embeddings": True,
 }
 # model settings that change the architecture: the weights decide them, a run may not
-ARCHITECTURE = ("activation", "norm", "pos_emb", "qk_norm", "tie_embeddings", "logit_softcap")
+ARCHITECTURE = ("activation", "tie_embeddings", *GPT2_FIXED)
 
 
 def load_pretrained(init_from: str, model: GPTConfig) -> GPT:
@@ -52,14 +56,14 @@ def load_pretrained(init_from: str, model: GPTConfig) -> GPT:
     else:
         path = Path(init_from).expanduser()
         if not path.exists():
-            raise ConfigError(
+            raise UserError(
                 f"init_from={init_from!r}: choose scratch, resume, {', '.join(GPT2_NAMES)}, "
                 "or the path of a run folder, a checkpoint or a Hugging Face GPT-2 folder"
             )
         folder, weights = (path, None) if path.is_dir() else (path.parent, path)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ConfigError(
+        raise UserError(
             f"init_from={init_from}: {folder} has neither a ckpt.pt (a run) nor a config.json (a Hugging Face model)"
         )
     config = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
@@ -70,7 +74,7 @@ def load_pretrained(init_from: str, model: GPTConfig) -> GPT:
     try:
         gpt.load_state_dict(state)
     except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-        raise ConfigError(f"the weights in {folder} do not match its config.json: {e}") from None
+        raise UserError(f"the weights in {folder} do not match its config.json: {e}") from None
     if model.block_size < config.block_size:
         gpt.crop_block_size(model.block_size)
     elif model.block_size > config.block_size:
@@ -84,12 +88,12 @@ def _download(name: str) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:
-        raise ConfigError(f"init_from={name} needs Hugging Face's libraries: {HF_EXTRA}") from None
+        raise UserError(f"init_from={name} needs Hugging Face's libraries: {HF_EXTRA}") from None
     try:
         # safetensors only: the repositories also hold TF, Flax, ONNX and pickled copies
         return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
     except LocalEntryNotFoundError:
-        raise ConfigError(
+        raise UserError(
             f"init_from={name}: no network and no copy in the Hugging Face cache. On a machine with internet run "
             f"`hf download openai-community/{name} config.json model.safetensors --local-dir {name}`, copy that "
             f"folder here and pass init_from=/path/to/{name}; or copy a Hugging Face cache holding models--{name} "
@@ -101,7 +105,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
     """Our GPTConfig of a Hugging Face GPT-2 config.json; anything GPT-2's code would compute
     differently from ours is refused."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ConfigError(f"{source} describes a {hf['model_type']} model: only GPT-2-shaped models load")
+        raise UserError(f"{source} describes a {hf['model_type']} model: only GPT-2-shaped models load")
     c = HF_DEFAULTS | hf
     refusals = {
         "activation_function": c["activation_function"] not in ACTIVATIONS,
@@ -113,7 +117,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
     }
     bad = [f"{k}={c[k]!r}" for k, refused in refusals.items() if refused]
     if bad:
-        raise ConfigError(f"{source}: {', '.join(bad)} has no equivalent in nanogpt's GPT")
+        raise UserError(f"{source}: {', '.join(bad)} has no equivalent in nanogpt's GPT")
     return GPTConfig(
         block_size=c["n_positions"],
         vocab_size=c["vocab_size"],
@@ -126,6 +130,11 @@ def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
     )
 
 
+def not_in_gpt2(config: GPTConfig) -> list[str]:
+    """The settings of a model that Hugging Face's GPT-2 cannot express."""
+    return [f"model.{k}={getattr(config, k)!r}" for k, value in GPT2_FIXED.items() if getattr(config, k) != value]
+
+
 def _check_settings(model: GPTConfig, loaded: GPTConfig, init_from: str) -> None:
     """Refuse architecture settings the run asks for that the weights do not have; the defaults
     (as in model=gpt2_small) mean "whatever the weights are"."""
@@ -136,7 +145,7 @@ def _check_settings(model: GPTConfig, loaded: GPTConfig, init_from: str) -> None
         if getattr(model, k) != getattr(defaults, k) and getattr(model, k) != getattr(loaded, k)
     ]
     if asked:
-        raise ConfigError(
+        raise UserError(
             f"init_from={init_from}: {', '.join(asked)}: the architecture comes from the weights; only model.dropout "
             "and a shorter model.block_size apply. Drop those settings (e.g. model=gpt2_small)"
         )
@@ -153,18 +162,18 @@ def read_weights(folder: Path, file: Path | None = None) -> dict[str, torch.Tens
     if file is None and (folder / "pytorch_model.bin").is_file():
         file = folder / "pytorch_model.bin"
     if file is None:
-        raise ConfigError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
+        raise UserError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
     if file.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ConfigError(f"reading {file} needs safetensors: {HF_EXTRA}") from None
+            raise UserError(f"reading {file} needs safetensors: {HF_EXTRA}") from None
         return load_file(file)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)  # a pickle: never run its code
     except Exception as e:
         reason = type(e).__name__
-        raise ConfigError(f"cannot load {file} as plain tensors ({reason}): convert it to safetensors") from None
+        raise UserError(f"cannot load {file} as plain tensors ({reason}): convert it to safetensors") from None
 
 
 def conv1d_weights(model: GPT) -> set[str]:

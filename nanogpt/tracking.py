@@ -1,18 +1,61 @@
-"""Experiment trackers, picked by the `logger` group. Only rank 0 has one.
+"""Experiment trackers, picked by the `logger` group: a set of named trackers (logger=[wandb,...]).
 
-wandb is imported only when used (it costs ~0.4 s at start-up). A tracker failure never stops a
-run: it warns once, falls back to offline (or to nothing) and training goes on; metrics.jsonl in
-the run folder has every record either way.
+Each tracker is one `start_*` function, named by its config's `_target_`, that returns an object
+with `run_id` (kept in the checkpoint, so a resumed run continues the same tracker run), `log` and
+`finish`, or None when it cannot start. Only rank 0 has trackers. A tracker failure never stops a
+run: it warns once, falls back (wandb: to offline, then to nothing) and training goes on;
+metrics.jsonl in the run folder has every record either way.
+
+Adding a tracker: a start function and its class here, a schema in nanogpt/config.py, a YAML in
+conf/logger/ with `# @package logger.<name>`.
 """
 
 import logging
 import math
 from pathlib import Path
+from typing import Protocol
 
-from nanogpt.config import LoggerConfig
-from nanogpt.rundir import RunInfo
+from nanogpt.config import WandbConfig, build
+from nanogpt.rundir import MetricsLog, RunInfo
 
 log = logging.getLogger("nanogpt")
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log(self, record: dict) -> None: ...
+
+    def finish(self, exit_code: int, summary: dict) -> None: ...
+
+
+class Recorder:
+    """Where a run's records go: metrics.jsonl, then every tracker. Ranks other than 0 get an
+    empty one, which records nothing."""
+
+    def __init__(self, metrics: MetricsLog | None = None, trackers: dict[str, Tracker] | None = None):
+        self.metrics, self.trackers = metrics, trackers or {}
+
+    def log(self, record: dict) -> None:
+        if self.metrics:
+            self.metrics.write(record)
+        for tracker in self.trackers.values():
+            tracker.log(record)
+
+    def run_ids(self) -> dict[str, str]:
+        return {name: t.run_id for name, t in self.trackers.items() if t.run_id is not None}
+
+    def finish(self, exit_code: int, summary: dict) -> None:
+        if self.metrics:
+            self.metrics.close()
+        for tracker in self.trackers.values():
+            tracker.finish(exit_code, summary)
+
+
+def start_trackers(configs: dict, *, config: dict, run: RunInfo, resume_ids: dict[str, str]) -> dict[str, Tracker]:
+    """Start each tracker of the `logger` group; those that cannot start are left out."""
+    started = {name: build(c, config=config, run=run, resume_id=resume_ids.get(name)) for name, c in configs.items()}
+    return {name: t for name, t in started.items() if t is not None}
 
 
 class WandbTracker:
@@ -52,10 +95,10 @@ def run_name(run: RunInfo) -> str:
     return " ".join([run.job_name, *run.overrides]) if run.overrides else f"{run.job_name} {Path(run.run_dir).name}"
 
 
-def build_tracker(cfg: LoggerConfig, config: dict, run: RunInfo, resume_id: str | None) -> WandbTracker | None:
-    """The tracker cfg asks for, or None. An online start that fails (no network, no key) falls
-    back to offline; one warning says what happened."""
-    if cfg.kind != "wandb" or cfg.mode == "disabled":
+def start_wandb(cfg: WandbConfig, *, config: dict, run: RunInfo, resume_id: str | None) -> WandbTracker | None:
+    """A wandb run, or None. An online start that fails (no network, no key) falls back to
+    offline; one warning says what happened."""
+    if cfg.mode == "disabled":
         return None
     try:
         import wandb

@@ -1,9 +1,10 @@
 """The training loop: one function per rank, from a typed config to a trained checkpoint.
 
-Everything is built here, after the rank and device are known. The loop is nanoGPT's: evaluate
-and checkpoint every eval_interval, gradient accumulation over micro-steps (gradients synchronised
-on the last one only), clipping, a step, a log line every log_interval. To change training, edit
-the loop.
+train() reads as a table of contents: where (ranks, device), what (data and model, wrapped by
+distributed.parallelize), how (optimizers, schedule, batches), from where (a checkpoint), then
+the loop. The loop is nanoGPT's: evaluate and checkpoint every eval_interval, one train_step per
+iteration (micro-steps with gradient accumulation, clipping, the optimizer step), a log line every
+log_interval. train_step is also what bench.py times. To change training, edit the loop.
 """
 
 import dataclasses
@@ -11,41 +12,312 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt import checkpoint as ckpt
 from nanogpt import distributed
-from nanogpt.config import ConfigError, TrainConfig
-from nanogpt.device import autocast, configure_backends, peak_flops, resolve_device, resolve_dtype, use_compile
+from nanogpt.checkpoint import Checkpointer, TrainState, load_model, model_from_state, resume_state
+from nanogpt.config import TrainConfig, build
+from nanogpt.device import autocast, configure_backends, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.errors import Diverged, Interrupted, UserError
+from nanogpt.flops import peak_flops
+from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
-from nanogpt.prepare import data_dir, load_meta, prepare
 from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status
-from nanogpt.tracking import build_tracker
+from nanogpt.tracking import Recorder, start_trackers
 
 log = logging.getLogger("nanogpt")
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal stopped the run after a checkpoint. A BaseException, as KeyboardInterrupt is, so a
-    sweep stops too instead of recording a failure and going on."""
-
-    def __init__(self, signum: int, resume_hint: str, requeued: bool = False):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; {resume_hint}")
-        self.signum = signum
-        self.requeued = requeued  # SLURM will start the job again: it resumes from the checkpoint
+def launch(config: TrainConfig, run: RunInfo) -> float:
+    """Train in this process, or start system.nproc_per_node ranks and wait for them."""
+    nproc = config.system.nproc_per_node
+    if distributed.is_rank_process() or nproc == 1:
+        return train(config, run)
+    return distributed.spawn(_rank_entry, (config, run), nproc, config.system)
 
 
-class Diverged(ConfigError):
-    """A non-finite loss or gradient norm; the message names the iteration."""
+def _rank_entry(config: TrainConfig, run: RunInfo) -> float:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(train)(config, run)  # record: the launcher shows this rank's error
+
+
+def train(config: TrainConfig, run: RunInfo) -> float:
+    """Train on this rank; return the best val loss. Rank 0 writes the run folder."""
+    # 1) where: this process's rank, device and precision, and the run folder
+    dist = distributed.setup(config.system, resolve_device(config.system).type)  # checks the device early
+    run_dir = open_run_dir(run, dist)
+    with recorded_status(run_dir, dist):
+        device = resolve_device(config.system, dist.local_rank)
+        dtype = resolve_dtype(config.system, device)
+        micro_steps = per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size)
+        torch.manual_seed(config.system.seed + dist.rank)  # each rank its own dropout masks
+        configure_backends(config.system, device)
+
+        # 2) what: the data (rank 0 prepares it on first use), the model, wrapped for this world
+        data = build(config.data)
+        if dist.is_main:
+            data.prepare()
+        distributed.broadcast_object(None, dist)  # a barrier that works on every backend
+        saved = resume_state(run_dir, config.init_from)
+        raw_model = build_model(config, data.meta, saved).to(device)
+        model = distributed.parallelize(raw_model, config.system, device, dist)
+
+        # 3) how: optimizers, loss scaling, schedule, batches
+        optimizers = build(config.optim, model=raw_model, device_type=device.type)
+        training = Training(model, raw_model, optimizers, device, dtype, micro_steps, config.grad_clip)
+        lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
+        loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
+                             rank=dist.rank, world_size=dist.world_size, micro_steps=micro_steps)
+
+        # 4) from where: this run's checkpoint, if it has one; what rank 0 records
+        config_dict = dataclasses.asdict(config)
+        checkpointer = Checkpointer(run_dir, raw_model, optimizers, training.scaler, dist, config=config_dict,
+                                    meta=data.meta, provenance=provenance() if dist.is_main else None)
+        state = checkpointer.restore(saved) if saved is not None else TrainState()
+        recorder = start_recording(config, config_dict, run, run_dir, state if saved is not None else None, dist)
+        state.tracker_ids = recorder.run_ids()
+        log_setup(config, training, state, run_dir, dist)
+
+        # 5) the loop
+        return loop(config, training, loader, lr_scale, state, checkpointer, recorder, dist, run_dir)
+
+
+def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], float], state: TrainState,
+         checkpointer: Checkpointer, recorder: Recorder, dist: distributed.DistInfo, run_dir: Path) -> float:
+    """Iterations state.iter_num .. max_iters; returns the best val loss."""
+    resume_hint = f"resume with: python train.py resume={run_dir}"
+    start_iter = state.iter_num
+    tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * t.raw_model.config.block_size
+    progress = Progress(config, t, tokens_per_iter, dist, start_iter)
+    bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
+    batches = loader.train_batches(start_iter)
+    exit_code = 0
+    try:
+        with StopSignals() as stop:
+            for it in range(start_iter, config.max_iters + 1):
+                state.iter_num = it
+                last_step = it == config.max_iters
+                evaluate = config.eval_only or last_step or (
+                    it % config.eval_interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start))
+                )
+                # checked without a per-step device sync: on log steps, and before anything is saved
+                if (evaluate or it % config.log_interval == 0) and bad_iter.item() >= 0:
+                    raise Diverged(
+                        f"non-finite loss or gradient norm at iteration {bad_iter.item()}: lower optim.learning_rate, "
+                        "raise warmup, or set nan_policy=skip"
+                    )
+                if evaluate:
+                    losses = estimate_loss(t.model, loader, config.eval_iters, t.autocast)
+                    log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    recorder.log({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
+                                  "tokens": it * tokens_per_iter, "train_time_s": state.train_time_s})
+                    improved = losses["val"] < state.best_val_loss
+                    state.best_val_loss = min(state.best_val_loss, losses["val"])
+                    if it > 0 and not config.eval_only:
+                        checkpointer.save(state)
+                        if improved and not config.always_save_checkpoint:
+                            checkpointer.save(state, "best.pt")
+                    progress.restart(it)  # eval and saving are not training time
+                if config.eval_only or last_step:
+                    break
+                if stop.requested(t.device, dist):
+                    checkpointer.save(state)
+                    log.warning(f"checkpoint saved at iteration {it}; {resume_hint}")
+                    requeued = stop.pass_on()
+                    raise Interrupted(stop.signum, "requeued, resumes by itself" if requeued else resume_hint, requeued)
+
+                t_step = time.perf_counter()
+                set_lr(t.optimizers, lr_scale(it))
+                loss, grad_norm, finite = train_step(t, batches, skip_nonfinite=config.nan_policy == "skip")
+                if config.nan_policy == "stop":
+                    bad_iter.masked_fill_((bad_iter < 0) & ~finite, it + 1)  # a scalar fill: no host-to-device copy
+                elif not finite.item():
+                    log.warning(f"iteration {it}: non-finite loss or gradient norm, step skipped")
+                state.train_time_s += time.perf_counter() - t_step
+
+                if (it + 1) % config.log_interval == 0 or it == start_iter:
+                    rec = progress.record(it + 1, loss, grad_norm, lr_scale(it) * config.optim.learning_rate, state)
+                    recorder.log(rec)
+    except BaseException:
+        exit_code = 1
+        raise
+    finally:
+        batches.close()
+        recorder.finish(exit_code, summary={"best_val_loss": state.best_val_loss})
+    return state.best_val_loss
+
+
+@dataclasses.dataclass
+class Training:
+    """What one iteration works with: built once in train(), stepped by train_step."""
+
+    model: torch.nn.Module  # what runs forward and backward: raw_model compiled and wrapped (parallelize)
+    raw_model: GPT  # the plain module: saved, measured, never prefixed
+    optimizers: list[torch.optim.Optimizer]
+    device: torch.device
+    dtype: torch.dtype  # of the autocast region; float16 also scales the loss
+    micro_steps: int  # this rank's share of gradient_accumulation_steps
+    grad_clip: float  # 0: no clipping
+
+    def __post_init__(self):
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.autocast = autocast(self.device, self.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+def train_step(
+    t: Training,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    skip_nonfinite: bool = False,
+    after_step: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One iteration: accumulate the micro-batches' gradients, clip, step the optimizers.
+    Returns (loss, gradient norm, finite) as device tensors: reading them waits for the device,
+    so the caller decides when. after_step is called last (e.g. a profiler's step)."""
+    loss_sum = torch.zeros((), device=t.device)
+    for micro_step in range(t.micro_steps):
+        x, y = next(batches)
+        with distributed.gradient_sync(t.model, micro_step == t.micro_steps - 1), t.autocast:
+            _, loss = t.model(x, y)
+            loss = loss / t.micro_steps  # the mean over the whole accumulation
+        t.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if t.scaler.is_enabled():
+        for opt in t.optimizers:
+            t.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip if t.grad_clip > 0 else math.inf)
+    # with fp16, inf gradients are overflow, which the scaler skips by itself
+    finite = torch.isfinite(loss_sum) if t.scaler.is_enabled() else torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+    if not (skip_nonfinite and not finite.item()):
+        for opt in t.optimizers:
+            t.scaler.step(opt)
+    t.scaler.update()
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if after_step is not None:
+        after_step()
+    return loss_sum, grad_norm, finite
+
+
+def per_rank_micro_steps(gradient_accumulation_steps: int, world_size: int) -> int:
+    if gradient_accumulation_steps % world_size:
+        raise UserError(
+            f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the world size {world_size}"
+        )
+    return gradient_accumulation_steps // world_size
+
+
+def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
+    """The model to train: from this run's checkpoint, else from init_from's weights, else new
+    and sized to the data's vocabulary. Checked against the data it will see."""
+    source, trained_on = config.init_from, None
+    if saved is not None:
+        source, model, trained_on = "this run's checkpoint", model_from_state(saved), saved.get("meta")
+    elif config.init_from == "scratch":
+        model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
+    else:
+        model, trained_on = load_model(config.init_from, config.model)
+    if trained_on and {k: trained_on.get(k) for k in ("tokenizer", "chars")} != {k: meta.get(k) for k in ("tokenizer", "chars")}:
+        raise UserError(
+            f"the data folder {config.data.root}/{config.data.name} has a different vocabulary ({meta['tokenizer']}) "
+            f"from {source} ({trained_on.get('tokenizer')}): train on the same data"
+        )
+    if config.model.block_size < model.config.block_size:
+        model.crop_block_size(config.model.block_size)
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise UserError(
+            f"the data's vocabulary ({meta['vocab_size']} tokens, {config.data.root}/{config.data.name}) is larger than "
+            f"the model's ({model.config.vocab_size}): use data with the model's tokenizer"
+        )
+    set_parallel_dropout(model, config.system.parallel_dropout)
+    return model
+
+
+def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_dir: Path,
+                    resumed: TrainState | None, dist: distributed.DistInfo) -> Recorder:
+    """Rank 0 records to metrics.jsonl (cut back to the checkpoint's iteration on resume) and the
+    trackers (continuing their runs); other ranks record nothing."""
+    if not dist.is_main:
+        return Recorder()
+    metrics = MetricsLog(run_dir, resume_iter=resumed.iter_num if resumed else None)
+    log.info(f"config:\n{OmegaConf.to_yaml(config_dict).rstrip()}")
+    ids = resumed.tracker_ids if resumed else {}
+    return Recorder(metrics, start_trackers(config.logger, config=config_dict, run=run, resume_ids=ids))
+
+
+def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path, dist: distributed.DistInfo) -> None:
+    m = t.raw_model.config
+    tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * m.block_size
+    log.info(
+        f"run folder {run_dir}\n"
+        f"device {t.device}, dtype {str(t.dtype).replace('torch.', '')}, world size {dist.world_size}, "
+        f"compile {use_compile(config.system, t.device)}, threads {torch.get_num_threads()}\n"
+        f"model {t.raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+        f"vocabulary {m.vocab_size}, block {m.block_size}\n"
+        f"tokens per iteration {tokens_per_iter:,} "
+        f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {m.block_size})"
+        + (f"\nresuming at iteration {state.iter_num} (best val loss {state.best_val_loss:.4f})" if state.iter_num else "")
+    )
+
+
+class Progress:
+    """The log line and train record every log_interval: loss (the global mean over ranks),
+    speed and MFU since the last line, ETA. Evaluation and saving are not counted as speed."""
+
+    def __init__(self, config: TrainConfig, t: Training, tokens_per_iter: int, dist: distributed.DistInfo, start_iter: int):
+        self.config, self.t, self.tokens_per_iter, self.dist = config, t, tokens_per_iter, dist
+        self.first = True
+        self.startup_s = seconds_since_process_start()  # imports, composition, data, model: up to the loop
+        self.restart(start_iter)
+
+    def restart(self, it: int) -> None:
+        self.t_log, self.it_log = time.perf_counter(), it
+
+    def record(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, state: TrainState) -> dict:
+        if self.dist.enabled:  # the global mean, comparable with a single process's (gloo has no AVG)
+            distributed.all_reduce(loss)
+        loss_f = loss.item() / self.dist.world_size
+        dt = (time.perf_counter() - self.t_log) / max(done - self.it_log, 1)
+        tok_s = self.tokens_per_iter / dt
+        # the peak is measured at the first log line, after the first step: not at start-up
+        peak, peak_source = peak_flops(self.t.device, self.t.dtype)
+        mfu = self.t.raw_model.estimate_mfu(tok_s / self.dist.world_size, peak)
+        if self.first:
+            startup = "" if self.startup_s is None else f"start-up {self.startup_s:.1f} s to the first iteration; "
+            log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+            self.first = False
+        log.info(
+            f"iter {done}/{self.config.max_iters}: loss {loss_f:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+            f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {_hms((self.config.max_iters - done) * dt)}"
+        )
+        self.restart(done)  # the peak's measurement is not training time
+        return {"iter": done, "kind": "train", "loss": loss_f, "lr": lr, "grad_norm": grad_norm.item(),
+                "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu, "tokens": done * self.tokens_per_iter,
+                "train_time_s": state.train_time_s}
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, loader, eval_iters: int, ctx) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches per split, shared among ranks and all-reduced."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        total = torch.zeros(2, device=loader.device)  # (sum of losses, count)
+        for x, y in loader.eval_batches(split, eval_iters):
+            with ctx:
+                _, loss = model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=loader.device)])
+        distributed.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
 
 
 class StopSignals:
@@ -78,6 +350,15 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def requested(self, device: torch.device, dist: distributed.DistInfo) -> bool:
+        """Whether any rank got a signal: every rank stops together. One process reads a plain
+        int, so no device sync per step."""
+        if dist.enabled:
+            flag = torch.tensor(float(self.signum), device=device)
+            distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = self.signum or int(flag.item())
+        return bool(self.signum)
+
     def pass_on(self) -> bool:
         """After our checkpoint, hand a SLURM warning to the handler we took it from: submitit's
         requeues the job (global rank 0 only) and exits. True when the job was requeued."""
@@ -90,11 +371,9 @@ class StopSignals:
         return False
 
 
-def train(config: TrainConfig, run: RunInfo) -> float:
-    """Train on this rank; return the best val loss. Rank 0 writes the run folder."""
-    device = resolve_device(config.system, 0)  # checks early; the rank's own device comes below
-    dist = distributed.setup(config.system, device.type)
-    status, error = "failed", None
+def open_run_dir(run: RunInfo, dist: distributed.DistInfo) -> Path:
+    """The run folder, chosen by rank 0 and told to the others; rank 0 marks it running and logs
+    into it, other ranks log warnings only."""
     if dist.is_main:  # before the other ranks learn the folder: any failure they record comes later
         write_status(Path(run.run_dir), "running", iter=None)
     run_dir = Path(distributed.broadcast_object(run.run_dir, dist))
@@ -102,10 +381,17 @@ def train(config: TrainConfig, run: RunInfo) -> float:
         log.setLevel(logging.WARNING)
     elif not logging.getLogger().handlers:  # a spawned rank 0: Hydra configured only its parent
         _log_to(run_dir / "train.log")
+    return run_dir
+
+
+@contextmanager
+def recorded_status(run_dir: Path, dist: distributed.DistInfo):
+    """status.json says how the run ended: finished, interrupted, preempted (requeued) or failed
+    with the first failing rank's error."""
+    status, error = "failed", None
     try:
-        best = _train(config, run, run_dir, dist)
+        yield
         status = "finished"
-        return best
     except Interrupted as e:
         status, error = "preempted" if e.requeued else "interrupted", str(e)
         raise
@@ -126,303 +412,6 @@ def train(config: TrainConfig, run: RunInfo) -> float:
             # a failing rank keeps its connections until its process exits, after the launcher has
             # its error: closing them first lets a peer fail ("connection closed") and be reported instead
             distributed.teardown()
-
-
-def _train(config: TrainConfig, run: RunInfo, run_dir: Path, dist: distributed.DistInfo) -> float:
-    # 1) where and how: device, precision, seeds, per-rank share of the accumulation
-    device = resolve_device(config.system, dist.local_rank)
-    dtype = resolve_dtype(config.system, device)
-    if config.gradient_accumulation_steps % dist.world_size:
-        raise ConfigError(
-            f"gradient_accumulation_steps={config.gradient_accumulation_steps} must be divisible by the "
-            f"world size {dist.world_size}"
-        )
-    micro_steps = config.gradient_accumulation_steps // dist.world_size
-    torch.manual_seed(config.system.seed + dist.rank)  # each rank its own dropout masks
-    configure_backends(config.system, device)
-    ctx = autocast(device, dtype)
-
-    # 2) data: rank 0 prepares it on first use while the others wait
-    path = data_dir(config.data)
-    if dist.is_main:
-        prepare(config.data)
-    distributed.broadcast_object(None, dist)  # a barrier that works on every backend
-    meta = load_meta(path)
-
-    # 3) model: a checkpoint in the run folder wins over init_from, so a requeued job resumes itself
-    state = _initial_state(config, run_dir, meta)
-    if state is not None:
-        model_config = GPTConfig(**state["model_args"])
-        model = GPT(model_config)
-        model.load_state_dict(ckpt.strip_prefixes(state["model"]))
-        if model_config.block_size > config.model.block_size:
-            model.crop_block_size(config.model.block_size)
-            model_config = model.config
-    elif config.init_from == "scratch":
-        vocab = config.model.vocab_size or meta["vocab_size"]
-        vocab = math.ceil(vocab / config.model.vocab_pad_multiple) * config.model.vocab_pad_multiple
-        model_config = dataclasses.replace(config.model, vocab_size=vocab)
-        model = GPT(model_config)
-    else:
-        from nanogpt.pretrained import load_pretrained
-
-        model = load_pretrained(config.init_from, config.model)
-        model_config = model.config
-    if meta["vocab_size"] > model_config.vocab_size:
-        raise ConfigError(
-            f"the data's vocabulary ({meta['vocab_size']} tokens, {path}) is larger than the model's "
-            f"({model_config.vocab_size}): use data with the model's tokenizer"
-        )
-    set_parallel_dropout(model, config.system.parallel_dropout)
-    model.to(device)
-    raw_model = model  # saved and evaluated: never carries _orig_mod. or module. prefixes
-    if use_compile(config.system, device):
-        model = torch.compile(model)
-    ddp_model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else model
-
-    # 4) optimizer, schedule, loss scaling, batches
-    optimizers = build(config.optim, model=raw_model, device_type=device.type)
-    lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loader = build(
-        config.data,
-        block_size=model_config.block_size,
-        device=device,
-        seed=config.system.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        micro_steps=micro_steps,
-    )
-    start_iter, best_val = 0, float("inf")
-    if state is not None and "optimizers" in state:
-        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        scaler.load_state_dict(state["scaler"])
-        start_iter, best_val = state["iter_num"], state["best_val_loss"]
-        rng = state["rng"]
-        if dist.rank < len(rng):
-            ckpt.set_rng_state(rng[dist.rank])
-
-    # 5) what rank 0 writes: metrics (cut back to the checkpoint), tracker, the start-up summary
-    config_dict = dataclasses.asdict(config)
-    tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * model_config.block_size
-    metrics = tracker = None
-    if dist.is_main:
-        metrics = MetricsLog(run_dir, resume_iter=start_iter if state is not None else None)
-        resume_id = state.get("wandb_id") if state is not None else None
-        log.info(f"config:\n{OmegaConf.to_yaml(config_dict).rstrip()}")
-        tracker = build_tracker(config.logger, config_dict, run, resume_id)
-        log.info(
-            f"run folder {run_dir}\n"
-            f"device {device}, dtype {str(dtype).replace('torch.', '')}, world size {dist.world_size}, "
-            f"compile {model is not raw_model}, threads {torch.get_num_threads()}\n"
-            f"model {raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-            f"vocabulary {model_config.vocab_size}, block {model_config.block_size}\n"
-            f"tokens per iteration {tokens_per_iter:,} "
-            f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {model_config.block_size})"
-            + (f"\nresuming at iteration {start_iter} (best val loss {best_val:.4f})" if start_iter else "")
-        )
-    prov = provenance() if dist.is_main else None
-
-    def save(it: int, path: Path) -> None:
-        rng = distributed.gather_objects(ckpt.rng_state(), dist)  # a collective: every rank calls it
-        if dist.is_main:
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "scaler": scaler.state_dict(),
-                "iter_num": it,
-                "best_val_loss": best_val,
-                "config": config_dict,
-                "model_args": dataclasses.asdict(model_config),
-                "meta": meta,
-                "rng": rng,
-                "provenance": prov,
-                "wandb_id": tracker.run_id if tracker else None,
-            }
-            ckpt.save_checkpoint(state, path)
-
-    def record(rec: dict) -> None:
-        if metrics:
-            metrics.write(rec)
-        if tracker:
-            tracker.log(rec)
-
-    # 6) the loop
-    resume_hint = f"resume with: python train.py resume={run_dir}"
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    bad_iter = torch.tensor(-1, device=device)  # first iteration with a non-finite loss or grad norm
-    batches = loader.train_batches(start_iter)
-    loss_acc = torch.zeros((), device=device)
-    t_log, it_log, train_time = time.perf_counter(), start_iter, 0.0
-    startup_s = seconds_since_process_start()  # imports, composition, data, model: up to the loop
-    exit_code = 0
-    try:
-        with StopSignals() as stop:
-            for it in range(start_iter, config.max_iters + 1):
-                last_step = it == config.max_iters
-                evaluate = config.eval_only or last_step or (
-                    it % config.eval_interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start))
-                )
-                # checked without a per-step device sync: on log steps, and before anything is saved
-                if (evaluate or it % config.log_interval == 0) and bad_iter.item() >= 0:
-                    raise Diverged(
-                        f"non-finite loss or gradient norm at iteration {bad_iter.item()}: lower optim.learning_rate, "
-                        "raise warmup, or set nan_policy=skip"
-                    )
-                if evaluate:
-                    losses = estimate_loss(model, loader, config.eval_iters, ctx)
-                    if dist.is_main:
-                        log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    record({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
-                            "tokens": it * tokens_per_iter, "train_time_s": train_time})
-                    improved = losses["val"] < best_val
-                    best_val = min(best_val, losses["val"])
-                    if it > 0 and not config.eval_only:
-                        save(it, run_dir / ckpt.LAST)
-                        if improved and not config.always_save_checkpoint:
-                            save(it, run_dir / ckpt.BEST)
-                    t_log = time.perf_counter()  # eval time is not training time
-                if config.eval_only or last_step:
-                    break
-                stop_now = stop.signum  # a plain int: one process needs no tensor, hence no device sync per step
-                if dist.enabled:  # every rank stops together
-                    flag = torch.tensor(float(stop.signum), device=device)
-                    distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    stop_now = int(flag.item())
-                if stop_now:
-                    save(it, run_dir / ckpt.LAST)
-                    log.warning(f"checkpoint saved at iteration {it}; {resume_hint}")
-                    stop.signum = stop.signum or stop_now
-                    requeued = stop.pass_on()
-                    raise Interrupted(stop.signum, "requeued, resumes by itself" if requeued else resume_hint, requeued)
-
-                # the step: accumulate micro-batches, then clip and update
-                t_step = time.perf_counter()
-                set_lr(optimizers, lr_scale(it))
-                for micro_step in range(micro_steps):
-                    x, y = next(batches)
-                    sync = micro_step == micro_steps - 1
-                    with ddp_model.no_sync() if dist.enabled and not sync else nullcontext(), ctx:
-                        _, loss = ddp_model(x, y)
-                        loss = loss / micro_steps  # the mean over the whole accumulation
-                    scaler.scale(loss).backward()
-                    loss_acc += loss.detach()
-                if scaler.is_enabled():
-                    for opt in optimizers:
-                        scaler.unscale_(opt)
-                max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                finite = torch.isfinite(loss_acc) & torch.isfinite(grad_norm)
-                if scaler.is_enabled():
-                    finite = torch.isfinite(loss_acc)  # inf gradients are fp16 overflow: the scaler skips them
-                if config.nan_policy == "skip" and not finite.item():
-                    log.warning(f"iteration {it}: non-finite loss or gradient norm, step skipped")
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    scaler.update()
-                else:
-                    bad_iter.masked_fill_((bad_iter < 0) & ~finite, it + 1)  # a scalar fill: no host-to-device copy
-                    for opt in optimizers:
-                        scaler.step(opt)
-                    scaler.update()
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                train_time += time.perf_counter() - t_step
-
-                if (it + 1) % config.log_interval == 0 or it == start_iter:
-                    if dist.enabled:  # the global mean, comparable with a single process's
-                        distributed.all_reduce(loss_acc)  # gloo has no AVG
-                    loss_f = loss_acc.item() / dist.world_size
-                    now = time.perf_counter()
-                    n = it + 1 - it_log
-                    dt = (now - t_log) / max(n, 1)
-                    tok_s = tokens_per_iter / dt
-                    # the peak is measured at the first log line, after the first step: not at start-up
-                    peak, peak_source = peak_flops(device, dtype)
-                    mfu = raw_model.estimate_mfu(tok_s / dist.world_size, peak)
-                    eta = (config.max_iters - it - 1) * dt
-                    if dist.is_main:
-                        if it == start_iter:
-                            startup = "" if startup_s is None else f"start-up {startup_s:.1f} s to the first iteration; "
-                            log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-                        log.info(
-                            f"iter {it + 1}/{config.max_iters}: loss {loss_f:.4f}, lr {lr_scale(it) * config.optim.learning_rate:.2e}, "
-                            f"{dt * 1000:.1f} ms/iter, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {_hms(eta)}"
-                        )
-                    record({"iter": it + 1, "kind": "train", "loss": loss_f, "lr": lr_scale(it) * config.optim.learning_rate,
-                            "grad_norm": grad_norm.item(), "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu,
-                            "tokens": (it + 1) * tokens_per_iter, "train_time_s": train_time})
-                    t_log, it_log = time.perf_counter(), it + 1  # the peak's measurement is not training time
-                loss_acc.zero_()
-    except BaseException:
-        exit_code = 1
-        raise
-    finally:
-        batches.close()
-        if metrics:
-            metrics.close()
-        if tracker:
-            tracker.finish(exit_code, summary={"best_val_loss": best_val})
-    return best_val
-
-
-def build(node, **runtime):
-    """hydra.utils.instantiate of a group's `_target_`, with runtime dependencies as keywords;
-    our own errors come through unwrapped so they stay one clear line."""
-    try:
-        return instantiate(node, **runtime)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, ConfigError):
-            raise e.__cause__ from None
-        raise
-
-
-def _initial_state(config: TrainConfig, run_dir: Path, meta: dict) -> dict | None:
-    """The checkpoint to start from, if any: this run's own, or one named by init_from."""
-    own = ckpt.find_checkpoint(run_dir)
-    if own is None and config.init_from == "resume":
-        raise ConfigError(f"init_from=resume but there is no checkpoint in {run_dir}: resume with python train.py resume=<run folder>")
-    source = own
-    if source is None and config.init_from not in ("scratch", "resume") and _is_checkpoint_path(config.init_from):
-        source = Path(config.init_from)
-        source = source / ckpt.LAST if source.is_dir() else source
-    if source is None:
-        return None
-    state = ckpt.load_checkpoint(source)
-    if source != own:  # someone else's checkpoint: weights only, a fresh optimizer and iteration count
-        state = {k: state[k] for k in ("model", "model_args", "meta") if k in state}
-        if "model_args" not in state:
-            raise ConfigError(f"{source} has no model_args: not a nanoGPT or nanogpt checkpoint")
-    saved_meta = state.get("meta")
-    if saved_meta and {k: saved_meta.get(k) for k in ("tokenizer", "chars")} != {k: meta.get(k) for k in ("tokenizer", "chars")}:
-        raise ConfigError(
-            f"the data folder {data_dir(config.data)} has a different vocabulary ({meta['tokenizer']}) "
-            f"from the checkpoint {source} ({saved_meta.get('tokenizer')}): train on the same data"
-        )
-    return state
-
-
-def _is_checkpoint_path(init_from: str) -> bool:
-    p = Path(init_from).expanduser()
-    return p.is_file() and p.suffix == ".pt" or (p.is_dir() and (p / ckpt.LAST).exists())
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, loader, eval_iters: int, ctx) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches per split, shared among ranks and all-reduced."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        total = torch.zeros(2, device=loader.device)  # (sum of losses, count)
-        for x, y in loader.eval_batches(split, eval_iters):
-            with ctx:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=loader.device)])
-        distributed.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
-    model.train()
-    return out
 
 
 def _log_to(path: Path) -> None:

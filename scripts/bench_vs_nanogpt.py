@@ -34,7 +34,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from nanogpt.config import TrainConfig, to_train_config
-from nanogpt.device import measure_matmul_flops, resolve_dtype
+from nanogpt.device import resolve_dtype
+from nanogpt.flops import measure_matmul_flops
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.prepare import prepare
 from nanogpt.rundir import read_metrics

@@ -5,7 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF, compose_cfg, run_script
-from nanogpt.config import ConfigError, to_train_config
+from nanogpt.config import to_train_config
+from nanogpt.errors import UserError
 
 GROUPS = ["model", "data", "optim", "schedule", "system", "logger", "experiment"]
 
@@ -55,7 +56,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     ],
 )
 def test_invalid_values_raise_our_error(override, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         to_train_config(compose_cfg(override))
 
 

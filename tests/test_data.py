@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from nanogpt.config import ConfigError, DataConfig
+from nanogpt.config import DataConfig
+from nanogpt.errors import UserError
 from nanogpt.data import BatchLoader
 from nanogpt.prepare import prepare
 from nanogpt.tokenizer import tokenizer_from_meta
@@ -47,10 +48,10 @@ def test_shipped_shakespeare_matches_nanogpt_counts(tmp_path):
 
 
 def test_prepare_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         prepare(DataConfig(name="x", root=str(tmp_path), source=[str(tmp_path / "missing.txt")]))
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ConfigError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         prepare(DataConfig(name="y", root=str(tmp_path), source=[str(tmp_path / "empty.txt")]))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written folders
 
@@ -92,7 +93,7 @@ def test_eval_batches_are_fixed(tmp_path):
 
 def test_block_size_larger_than_a_split_is_refused(tmp_path):
     path = prepared(tmp_path, "char", text="short text\n" * 10)
-    with pytest.raises(ConfigError, match="larger than the val split"):
+    with pytest.raises(UserError, match="larger than the val split"):
         loader(path, block_size=64)
 
 

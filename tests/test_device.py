@@ -10,7 +10,7 @@ import torch
 
 from conftest import compose_cfg
 from nanogpt.config import to_train_config
-from nanogpt.device import measure_matmul_flops
+from nanogpt.flops import measure_matmul_flops
 
 # a step's large activations, allocated, touched and freed, five steps over
 PAGE_FAULTS = """

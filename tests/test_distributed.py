@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY
+from faults import inject
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.rundir import read_metrics
 
@@ -106,9 +107,7 @@ def test_ddp_run_resumes_at_its_checkpoint(tmp_path, data_root):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, data_root, launcher):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_RANK_1)
-    env = {"PYTHONPATH": f"{tmp_path / 'inject'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = inject(tmp_path, FAIL_RANK_1)
     args = settings(data_root, "max_iters=50", "system.dist_timeout_s=60", f"hydra.run.dir={tmp_path}/run")
     t0 = time.monotonic()
     if launcher == "torchrun":

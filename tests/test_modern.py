@@ -143,7 +143,10 @@ def test_muon_matches_torch_muon_up_to_bfloat16_rounding():
 
 def test_build_muon_gives_hidden_matrices_to_muon_and_the_rest_to_adamw():
     model = tiny(**MODERN)
-    muon, adamw = build_muon(3e-3, 0.0, 0.9, 0.95, None, 0.02, 0.95, 0.0, model=model, device_type="cpu")
+    muon, adamw = build_muon(
+        MuonConfig(learning_rate=3e-3, weight_decay=0.0, beta2=0.95, muon_learning_rate=0.02, muon_momentum=0.95, muon_weight_decay=0.0),
+        model=model, device_type="cpu",
+    )
     hidden = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from nanogpt.config import ConfigError
+from nanogpt.checkpoint import load_checkpoint, model_from_state, weights_file
+from nanogpt.errors import UserError
 from nanogpt.export import export
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import load_pretrained
@@ -104,20 +104,20 @@ def test_shorter_block_size_crops_and_keeps_the_prefix_logits(hf_model):
 def test_architecture_settings_the_weights_lack_are_refused(hf_model, setting):
     _, folder = hf_model
     key = next(iter(setting))
-    with pytest.raises(ConfigError, match=rf"model\.{key}=.*architecture comes from the weights"):
+    with pytest.raises(UserError, match=rf"model\.{key}=.*architecture comes from the weights"):
         load_pretrained(str(folder), GPTConfig(**setting))
 
 
 def test_unknown_names_and_folders_are_refused(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="gpt3.*choose scratch, resume, gpt2, gpt2-medium"):
+    with pytest.raises(UserError, match="gpt3.*choose scratch, resume, gpt2, gpt2-medium"):
         load_pretrained("gpt3", GPTConfig())
-    with pytest.raises(ConfigError, match="neither a ckpt.pt .* nor a config.json"):
+    with pytest.raises(UserError, match="neither a ckpt.pt .* nor a config.json"):
         load_pretrained(str(tmp_path), GPTConfig())
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ConfigError, match="llama model: only GPT-2-shaped"):
+    with pytest.raises(UserError, match="llama model: only GPT-2-shaped"):
         load_pretrained(str(tmp_path), GPTConfig())
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the hf extra were not installed
-    with pytest.raises(ConfigError, match=r"pip install -e '\.\[hf\]'"):
+    with pytest.raises(UserError, match=r"pip install -e '\.\[hf\]'"):
         load_pretrained("gpt2", GPTConfig())
 
 
@@ -156,7 +156,7 @@ def test_export_opens_in_transformers_with_equal_logits(train_run, tmp_path, ove
     written = export(tmp_path / "run", tmp_path / "hf")
     assert sorted(written) == ["config.json", "model.safetensors"]  # a character vocabulary: no GPT-2 tokenizer files
 
-    ours = model_from_checkpoint(load_checkpoint(resolve_checkpoint(tmp_path / "run")))
+    ours = model_from_state(load_checkpoint(weights_file(tmp_path / "run")))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert hf.config.activation_function == ours.config.activation  # gelu (exact) and relu2 keep their names
     assert hf.config.tie_word_embeddings == ours.config.tie_embeddings

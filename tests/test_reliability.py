@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY
+from faults import PAUSE_BEFORE_CHECKPOINT_RENAME, inject
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.config import ConfigError, SystemConfig
+from nanogpt.config import SystemConfig
+from nanogpt.errors import UserError
 from nanogpt.device import resolve_dtype
 from nanogpt.rundir import read_metrics, read_status
 
@@ -95,7 +97,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, data
     run_dir = tmp_path / "run"
     first = run(train_cmd(data_root, run_dir, "max_iters=10"), tmp_path)
     assert first.returncode == 0, first.stderr
-    proc = start(train_cmd(data_root, run_dir, "max_iters=20"), tmp_path, env={"NANOGPT_TEST_PAUSE_BEFORE_RENAME": "60"})
+    proc = start(train_cmd(data_root, run_dir, "max_iters=20"), tmp_path, env=inject(tmp_path, PAUSE_BEFORE_CHECKPOINT_RENAME))
     wait_for(lambda: (run_dir / "ckpt.pt.paused").exists(), what="the paused save")
     assert (run_dir / ".ckpt.pt.tmp").exists()  # the new checkpoint is written, not yet renamed
     proc.send_signal(signal.SIGKILL)
@@ -145,7 +147,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, data_root):
     run_dir = tmp_path / "run"
     # a save that takes long (paused) is what a second Ctrl-C cuts short
     proc = start(train_cmd(data_root, run_dir, "max_iters=100000", "eval_interval=1000", "log_interval=1"), tmp_path,
-                 env={"NANOGPT_TEST_PAUSE_BEFORE_RENAME": "60"})
+                 env=inject(tmp_path, PAUSE_BEFORE_CHECKPOINT_RENAME))
     wait_for(lambda: len(read_metrics(run_dir)) >= 3, what="training progress")
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: (run_dir / "ckpt.pt.paused").exists(), what="the interrupt's save")
@@ -197,7 +199,7 @@ def test_invalid_input_is_one_clear_line(tmp_path, data_root, overrides, message
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    with pytest.raises(ConfigError, match="no bf16"):
+    with pytest.raises(UserError, match="no bf16"):
         resolve_dtype(SystemConfig(dtype="bfloat16"), torch.device("cuda"))
 
 
@@ -260,7 +262,7 @@ def test_a_pickled_vocabulary_is_not_read(tmp_path, data_root):
 def test_tokens_in_the_environment_never_reach_the_run_folder(tmp_path, data_root):
     secrets = {"WANDB_API_KEY": "sentinel0123456789abcdef0123456789abcdef", "HF_TOKEN": "hf_sentinelsecret42"}
     run_dir = tmp_path / "run"
-    proc = run(train_cmd(data_root, run_dir, "logger=wandb", "logger.mode=offline"), tmp_path, env=secrets)
+    proc = run(train_cmd(data_root, run_dir, "logger=wandb", "logger.wandb.mode=offline"), tmp_path, env=secrets)
     assert proc.returncode == 0, proc.stderr
     for path in [p for p in run_dir.rglob("*") if p.is_file()]:
         content = path.read_bytes()

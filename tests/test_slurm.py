@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
+from faults import inject
 from nanogpt.rundir import read_metrics, read_status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -113,14 +114,13 @@ def test_only_a_multi_task_step_makes_ranks(tmp_path):
 def test_ddp_jobs_one_run_folder_each_and_a_failing_rank_ends_its_job_at_once(tmp_path, data_root):
     """Two jobs of 2 tasks each: job 0 trains as one 2-rank gloo run; in job 1 rank 1 raises and
     the job ends with that error, long before the collective time-out (600 s here)."""
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_RANK_1_OF_JOB_1)
+    env = inject(tmp_path, FAIL_RANK_1_OF_JOB_1)
     sweep_dir = tmp_path / "sweep"
     args = sweep_args(
         data_root, str(sweep_dir), "hydra.launcher.tasks_per_node=2", "gradient_accumulation_steps=2",
         "system.dist_timeout_s=600", "optim.learning_rate=1e-3,2e-3",
     )
-    proc = run(args, tmp_path, env={"PYTHONPATH": str(tmp_path / "inject")})
+    proc = run(args, tmp_path, env=env)
     assert proc.returncode != 0  # the failed job fails the sweep
 
     rows = summary(sweep_dir)

@@ -6,12 +6,12 @@ import struct
 
 import pytest
 
-from nanogpt.config import LoggerConfig
+from nanogpt.config import WandbConfig
 from nanogpt.rundir import RunInfo, read_metrics
-from nanogpt.tracking import WandbTracker, build_tracker
+from nanogpt.tracking import WandbTracker, start_trackers, start_wandb
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # wandb keys are 40 hex characters
-WANDB = ["logger=wandb", "logger.mode=offline"]
+WANDB = ["logger=wandb", "logger.wandb.mode=offline"]
 
 
 def wandb_records(path):
@@ -103,7 +103,7 @@ def test_wandb_that_cannot_start_online_warns_once_and_training_goes_on(train_ru
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "2"}
-    proc = train_run("logger=wandb", "logger.mode=online", env=env)
+    proc = train_run("logger=wandb", "logger.wandb.mode=online", env=env)
     assert "iter 20/20: loss" in proc.stdout
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("wandb could not start online") == 1
@@ -118,7 +118,7 @@ def test_init_failure_in_every_mode_gives_no_tracker_and_one_warning(monkeypatch
 
     monkeypatch.setattr(wandb, "init", fail)
     with caplog.at_level(logging.WARNING, logger="nanogpt"):
-        tracker = build_tracker(LoggerConfig(kind="wandb", mode="online"), {}, RunInfo(str(tmp_path)), None)
+        tracker = start_wandb(WandbConfig(mode="online"), config={}, run=RunInfo(str(tmp_path)), resume_id=None)
     assert tracker is None
     assert len(caplog.records) == 1
     assert "online: RuntimeError: no wandb today; offline: RuntimeError" in caplog.text
@@ -143,7 +143,7 @@ def test_a_failing_log_call_warns_once_and_later_calls_are_skipped(caplog):
     assert BrokenRun.calls == 1 and len(caplog.records) == 1
 
 
-def test_logger_none_and_disabled_build_no_tracker(tmp_path):
+def test_logger_none_and_disabled_build_no_tracker(tmp_path, tiny_config):
     run = RunInfo(str(tmp_path))
-    assert build_tracker(LoggerConfig(kind="none"), {}, run, None) is None
-    assert build_tracker(LoggerConfig(kind="wandb", mode="disabled"), {}, run, None) is None
+    assert start_trackers(tiny_config("logger=none").logger, config={}, run=run, resume_ids={}) == {}
+    assert start_wandb(WandbConfig(mode="disabled"), config={}, run=run, resume_id=None) is None
