@@ -35,11 +35,11 @@ from omegaconf import DictConfig
 from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import TrainConfig, build, to_train_config
-from nanogpt.device import configure_backends, resolve_device, resolve_dtype, use_compile
+from nanogpt.device import resolve_device, use_compile
 from nanogpt.errors import UserError
 from nanogpt.flops import measure_matmul_flops, published_peak
 from nanogpt.rundir import seconds_since_process_start
-from nanogpt.trainer import Training, build_model, train_step
+from nanogpt.trainer import Training, build_model, build_training, set_up_rank, train_step
 
 gc.freeze()  # ...and no later collection walks them
 gc.enable()
@@ -119,30 +119,23 @@ def bench(config: BenchConfig) -> dict:
     if b.iters < 1 or b.warmup < 0 or b.data not in ("real", "synthetic"):
         raise UserError(f"bench.iters must be >= 1, bench.warmup >= 0, bench.data real or synthetic: got {b}")
 
-    # 1) device, precision, threads and seed, as the trainer sets them for one process
-    device = resolve_device(config.system)
-    dtype = resolve_dtype(config.system, device)
-    torch.set_num_threads(distributed.num_threads(config.system, 1))
-    torch.manual_seed(config.system.seed)
-    configure_backends(config.system, device)
-    micro_steps = config.gradient_accumulation_steps
-    batch_size = config.data.batch_size
+    # 1) device, precision, threads and seed: the trainer's set-up of one process
+    dist = distributed.setup(config.system, resolve_device(config.system).type)
+    device, dtype = set_up_rank(config.system, dist)
 
     # 2) model, optimizer and batches: the trainer's builders
     data = build(config.data)
     if b.data == "real":
         data.prepare()
     meta = data.meta if b.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
-    raw_model = build_model(config, meta, saved=None).to(device)
-    model = distributed.parallelize(raw_model, config.system, device, distributed.DistInfo())
-    optimizers = build(config.optim, model=raw_model, device_type=device.type)
-    training = Training(model, raw_model, optimizers, device, dtype, micro_steps, config.grad_clip)
-    block_size = raw_model.config.block_size
+    training = build_training(config, build_model(config, meta, saved=None).to(device), device, dtype, dist)
+    block_size = training.raw_model.config.block_size
     if b.data == "real":
-        loader = data.loader(block_size=block_size, device=device, seed=config.system.seed, micro_steps=micro_steps)
+        loader = data.loader(block_size=block_size, device=device, seed=config.system.seed, micro_steps=training.micro_steps)
         batches = Waited(loader.train_batches(0))
     else:
-        batches = Waited(synthetic_batches(batch_size, block_size, raw_model.config.vocab_size, device, config.system.seed))
+        vocab = training.raw_model.config.vocab_size
+        batches = Waited(synthetic_batches(config.data.batch_size, block_size, vocab, device, config.system.seed))
     sync = torch.cuda.synchronize if device.type == "cuda" else None  # the device's time, not the host's queueing
 
     # 3) warm-up, then the timed iterations: the trainer's step
@@ -159,18 +152,25 @@ def bench(config: BenchConfig) -> dict:
     if b.data == "real":
         batches.items.close()  # stops the prefetch thread
 
-    # 4) the figures
+    return figures(config, training, step_s, data_s, startup_s, first_iter_s)
+
+
+def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[float], startup_s: float | None,
+            first_iter_s: float) -> dict:
+    """The timed steps as the report's figures: speed, MFU against both peaks, data cost, memory."""
+    b, raw_model, device, micro_steps = config.bench, t.raw_model, t.device, t.micro_steps
+    batch_size, block_size = config.data.batch_size, raw_model.config.block_size
     median = statistics.median(step_s)
     tokens_per_iter = micro_steps * batch_size * block_size
     tokens_per_s = tokens_per_iter / median
     flops_per_token = raw_model.flops_per_token()
     achieved = flops_per_token * tokens_per_s
     published = published_peak(device)
-    measured = measure_matmul_flops(device, dtype, n=8192 if device.type == "cuda" else 2048)
+    measured = measure_matmul_flops(device, t.dtype, n=8192 if device.type == "cuda" else 2048)
     quartiles = statistics.quantiles(step_s, n=4) if len(step_s) > 1 else [median] * 3
     return {
         "device": device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(t.dtype).removeprefix("torch."),
         "compile": use_compile(config.system, device),
         "params": raw_model.get_num_params(non_embedding=False),
         "batch_size": batch_size,

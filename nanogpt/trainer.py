@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from nanogpt import distributed
 from nanogpt.checkpoint import Checkpointer, TrainState, load_model, model_from_state, resume_state
-from nanogpt.config import TrainConfig, build
+from nanogpt.config import SystemConfig, TrainConfig, build
 from nanogpt.device import autocast, configure_backends, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import Diverged, Interrupted, UserError
@@ -54,11 +54,7 @@ def train(config: TrainConfig, run: RunInfo) -> float:
     dist = distributed.setup(config.system, resolve_device(config.system).type)  # checks the device early
     run_dir = open_run_dir(run, dist)
     with recorded_status(run_dir, dist):
-        device = resolve_device(config.system, dist.local_rank)
-        dtype = resolve_dtype(config.system, device)
-        micro_steps = per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size)
-        torch.manual_seed(config.system.seed + dist.rank)  # each rank its own dropout masks
-        configure_backends(config.system, device)
+        device, dtype = set_up_rank(config.system, dist)
 
         # 2) what: the data (rank 0 prepares it on first use), the model, wrapped for this world
         data = build(config.data)
@@ -67,18 +63,16 @@ def train(config: TrainConfig, run: RunInfo) -> float:
         distributed.broadcast_object(None, dist)  # a barrier that works on every backend
         saved = resume_state(run_dir, config.init_from)
         raw_model = build_model(config, data.meta, saved).to(device)
-        model = distributed.parallelize(raw_model, config.system, device, dist)
 
-        # 3) how: optimizers, loss scaling, schedule, batches
-        optimizers = build(config.optim, model=raw_model, device_type=device.type)
-        training = Training(model, raw_model, optimizers, device, dtype, micro_steps, config.grad_clip)
+        # 3) how: the model wrapped for this world, optimizers, loss scaling, schedule, batches
+        training = build_training(config, raw_model, device, dtype, dist)
         lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
-                             rank=dist.rank, world_size=dist.world_size, micro_steps=micro_steps)
+                             rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps)
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
         config_dict = dataclasses.asdict(config)
-        checkpointer = Checkpointer(run_dir, raw_model, optimizers, training.scaler, dist, config=config_dict,
+        checkpointer = Checkpointer(run_dir, raw_model, training.optimizers, training.scaler, dist, config=config_dict,
                                     meta=data.meta, provenance=provenance() if dist.is_main else None)
         state = checkpointer.restore(saved) if saved is not None else TrainState()
         recorder = start_recording(config, config_dict, run, run_dir, state if saved is not None else None, dist)
@@ -204,6 +198,31 @@ def train_step(
     if after_step is not None:
         after_step()
     return loss_sum, grad_norm, finite
+
+
+def set_up_rank(system: SystemConfig, dist: distributed.DistInfo) -> tuple[torch.device, torch.dtype]:
+    """This rank's device and precision; its seed (each rank its own dropout masks) and the
+    process-wide switches of the system group."""
+    device = resolve_device(system, dist.local_rank)
+    dtype = resolve_dtype(system, device)
+    torch.manual_seed(system.seed + dist.rank)
+    configure_backends(system, device)
+    return device, dtype
+
+
+def build_training(config: TrainConfig, model: GPT, device: torch.device, dtype: torch.dtype,
+                   dist: distributed.DistInfo) -> Training:
+    """What train_step needs: the model wrapped for this world (distributed.parallelize), its
+    optimizers, this rank's share of the micro-steps."""
+    return Training(
+        model=distributed.parallelize(model, config.system, device, dist),
+        raw_model=model,
+        optimizers=build(config.optim, model=model, device_type=device.type),
+        device=device,
+        dtype=dtype,
+        micro_steps=per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size),
+        grad_clip=config.grad_clip,
+    )
 
 
 def per_rank_micro_steps(gradient_accumulation_steps: int, world_size: int) -> int:

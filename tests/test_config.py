@@ -2,10 +2,11 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF, compose_cfg, run_script
-from nanogpt.config import to_train_config
+from conftest import CONF, ROOT, compose_cfg, run_script
+from nanogpt.config import SCHEMAS, to_train_config
 from nanogpt.errors import UserError
 
 GROUPS = ["model", "data", "optim", "schedule", "system", "logger", "experiment"]
@@ -65,3 +66,46 @@ def test_command_line_typo_is_one_hydra_message(tmp_path):
     assert proc.returncode != 0
     assert "learnin_rate" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def schema_of(yaml_file) -> str | None:
+    """The schema a YAML option names in its defaults list (`- /<schema>@_here_`)."""
+    defaults = OmegaConf.load(yaml_file).get("defaults") or []
+    named = [str(d).split("@")[0].lstrip("/") for d in defaults if str(d).endswith("_schema@_here_")]
+    return named[0] if named else None
+
+
+def preset_files() -> dict[str, list]:
+    """Schema name -> the YAML options that name it."""
+    by_schema = {}
+    for group in GROUPS:
+        for f in sorted((CONF / group).glob("*.yaml")):
+            if schema_of(f):
+                by_schema.setdefault(schema_of(f), []).append(f)
+    return by_schema
+
+
+@pytest.mark.parametrize("schema,files", sorted(preset_files().items()))
+def test_each_default_lives_in_one_place(schema, files):
+    """A schema with one YAML option (optim, schedule, logger): the YAML equals the schema, so the
+    compose API, a test or a notebook gets the run the command line gets. A schema with several
+    presets (model, data, system): each preset sets only the keys that differ from the schema."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[schema]), resolve=False)
+    for f in files:
+        keys = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(f), resolve=False).items() if k != "defaults"}
+        assert set(keys) <= set(defaults), (f.name, set(keys) - set(defaults))
+        if len(files) == 1:
+            assert {**defaults, **keys} == defaults, f"{f.name} differs from {schema}"
+        else:
+            same = [k for k, v in keys.items() if v == defaults[k]]
+            assert not same, f"{f.name} repeats the schema's defaults: {same}"
+
+
+def test_schemas_are_not_offered_as_options():
+    assert not [o for g in GROUPS for o in options(g) if o.endswith("_schema")]
+    for script in ("train.py", "sample.py", "bench.py"):
+        proc = run_script(script, "--help", cwd=ROOT)
+        assert "_schema" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
+        assert proc.stdout.startswith(f"python {script} ["), proc.stdout[:200]  # our page, not Hydra's
+    assert "model: baby, gpt2_large, gpt2_medium, gpt2_small, gpt2_xl, mini, modern, tiny" in run_script(
+        "train.py", "--help", cwd=ROOT).stdout

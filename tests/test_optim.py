@@ -1,9 +1,7 @@
 """Weight-decay groups and the learning-rate schedules."""
 
-import math
 
 import pytest
-import torch
 
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.config import AdamWConfig, CosineScheduleConfig, WSDScheduleConfig

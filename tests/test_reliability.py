@@ -91,6 +91,25 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, data_root, prefetch, comp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_runs_training_time_continues_from_its_checkpoint(tmp_path, data_root):
+    """train_time_s is the time axis of time-to-loss figures and plots: a killed run's resume goes
+    on from the checkpoint's value instead of starting again from zero."""
+    run_dir = tmp_path / "run"
+    args = ["max_iters=100000", "eval_interval=5", "log_interval=1"]
+    proc = start(train_cmd(data_root, run_dir, *args), tmp_path)
+    wait_for(lambda: (run_dir / "ckpt.pt").exists() and len(read_metrics(run_dir)) >= 12, what="a checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(run_dir / "ckpt.pt")
+    assert saved["train_time_s"] > 0
+    resumed = run(train_cmd(data_root, run_dir, *args[1:], f"max_iters={saved['iter_num'] + 3}"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    after = [r for r in read_metrics(run_dir) if r["iter"] > saved["iter_num"]]
+    assert after and all(r["train_time_s"] > saved["train_time_s"] for r in after)
+    times = [r["train_time_s"] for r in read_metrics(run_dir)]
+    assert times == sorted(times)  # one time axis, no restart at zero
+
+
 # -- crash-safe checkpoints ----------------------------------------------------------------------
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, data_root):
