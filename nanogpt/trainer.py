@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from nanogpt import distributed
-from nanogpt.checkpoint import Checkpointer, TrainState, load_model, model_from_state, resume_state
+from nanogpt.checkpoint import BEST, Checkpointer, TrainState, load_model, model_from_state, resume_state
 from nanogpt.config import SystemConfig, TrainConfig, build
 from nanogpt.device import autocast, configure_backends, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
@@ -117,7 +117,7 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
                     if it > 0 and not config.eval_only:
                         checkpointer.save(state)
                         if improved and not config.always_save_checkpoint:
-                            checkpointer.save(state, "best.pt")
+                            checkpointer.save(state, BEST)
                     progress.restart(it)  # eval and saving are not training time
                 if config.eval_only or last_step:
                     break
