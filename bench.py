@@ -36,7 +36,7 @@ from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import TrainConfig, build, to_train_config
 from nanogpt.device import resolve_device, use_compile
-from nanogpt.errors import UserError
+from nanogpt.checks import NON_NEGATIVE, POSITIVE, OneOf, valid
 from nanogpt.flops import measure_matmul_flops, published_peak
 from nanogpt.rundir import seconds_since_process_start
 from nanogpt.trainer import Training, build_model, build_training, set_up_rank, train_step
@@ -49,9 +49,9 @@ GPT2_VOCAB = 50257  # synthetic batches without model.vocab_size: GPT-2's tokeni
 
 @dataclass
 class BenchSettings:
-    iters: int = 20  # timed iterations
-    warmup: int = 3  # untimed iterations first: compilation, allocator and cache warm-up
-    data: str = "real"  # real: the loader on prepared data | synthetic: random tokens made once
+    iters: int = valid(20, POSITIVE)  # timed iterations
+    warmup: int = valid(3, NON_NEGATIVE)  # untimed iterations first: compilation, allocator and cache warm-up
+    data: str = valid("real", OneOf("real", "synthetic"))  # real: the loader on prepared data | synthetic: random tokens made once
     json: bool = False  # print one JSON object instead of the report
 
 
@@ -116,8 +116,6 @@ class Waited:
 def bench(config: BenchConfig) -> dict:
     """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
     b = config.bench
-    if b.iters < 1 or b.warmup < 0 or b.data not in ("real", "synthetic"):
-        raise UserError(f"bench.iters must be >= 1, bench.warmup >= 0, bench.data real or synthetic: got {b}")
 
     # 1) device, precision, threads and seed: the trainer's set-up of one process
     dist = distributed.setup(config.system, resolve_device(config.system).type)

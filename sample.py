@@ -14,11 +14,10 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import OmegaConf
 
 from nanogpt.checkpoint import find_newest_run, load_model
 from nanogpt.cli import job, run_cli
-from nanogpt.config import SampleConfig, SystemConfig
+from nanogpt.config import SampleConfig, SystemConfig, to_config
 from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import UserError
 from nanogpt.tokenizer import tokenizer_from_meta
@@ -37,7 +36,7 @@ def newest_run(runs_root: str) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 @job
 def main(cfg) -> None:
-    c: SampleConfig = OmegaConf.to_object(cfg)
+    c: SampleConfig = to_config(cfg)
     system = SystemConfig(device=c.device, dtype=c.dtype)
     device = resolve_device(system)
     ctx = autocast(device, resolve_dtype(system, device))

@@ -47,6 +47,9 @@ class Checkpointer:
     def __init__(self, run_dir: Path, model: GPT, optimizers: list, scaler, dist: distributed.DistInfo, **extra):
         self.run_dir, self.model, self.optimizers, self.scaler, self.dist = Path(run_dir), model, optimizers, scaler, dist
         self.extra = extra  # config, meta, provenance: written as they are
+        if dist.is_main:  # a save killed midway left its temporary file; rank 0 holds the folder's lock: no one else writes
+            for name in (LAST, BEST):
+                _temporary(self.run_dir / name).unlink(missing_ok=True)
 
     def save(self, state: TrainState, name: str = LAST) -> None:
         rng = distributed.gather_objects(rng_state(), self.dist)  # a collective: every rank calls it
@@ -75,7 +78,7 @@ class Checkpointer:
 
 def save_checkpoint(state: dict, path: Path) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -91,6 +94,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise UserError(f"could not save checkpoint {path} ({reason}): is the disk full? The previous checkpoint is intact") from None
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -8,14 +8,16 @@ outside the job. A signal-stopped run exits with 128 + the signal's number.
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import wraps
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from nanogpt import distributed
+from nanogpt.config import BUILDERS
 from nanogpt.errors import Interrupted, UserError
-from nanogpt.rundir import RunInfo
+from nanogpt.rundir import RunInfo, writer_lock
 
 
 class ReportedError(BaseException):
@@ -56,38 +58,43 @@ def run_info_from_hydra() -> RunInfo:
     )
 
 
-def expand_resume(argv: list[str]) -> list[str]:
-    """`resume=<run folder>` -> that run's own overrides, then the new ones, in that folder."""
+def expand_resume(argv: list[str]) -> tuple[list[str], Path | None]:
+    """`resume=<run folder>` -> that run's own overrides, then the new ones, in that folder; and
+    the folder. A run folder may come from someone else: its overrides are data, so any that would
+    change Hydra's own settings or name a `_target_` other than nanogpt's builders is refused."""
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
-        return argv
+        return argv, None
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.exists():
-        print(f"error: {run_dir} is not a run folder (no .hydra/overrides.yaml)", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"{run_dir} is not a run folder (no .hydra/overrides.yaml)")
     old = [str(o) for o in OmegaConf.load(saved)]
+    for override in old:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or (key.endswith("_target_") and value not in BUILDERS):
+            raise UserError(f"{saved} holds {override!r}, which would run code of its own choosing: refused")
     new = [a for a in argv[1:] if not a.startswith("resume=")]
-    return [argv[0], *old, *new, f"hydra.run.dir={run_dir}"]
+    return [argv[0], *old, *new, f"hydra.run.dir={run_dir}"], run_dir
 
 
 def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: Callable | None = None) -> None:
     """Call a @hydra.main function as a command. Under torchrun, ranks other than 0 compose the
     same config with Hydra's compose API and call follower: no run folder or logs of their own."""
-    sys.argv = expand_resume(sys.argv)
     try:
+        sys.argv, resumed = expand_resume(sys.argv)
         if follower is not None and distributed.torchrun_env() and int(os.environ["RANK"]) > 0:
             from hydra import compose, initialize_config_dir
 
             with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=sys.argv[1:])
-            try:
-                follower(cfg)
-            except UserError as e:
-                raise ReportedError(str(e)) from None
+            follower(cfg)
         else:
-            main()
-    except ReportedError as e:
+            # a resumed folder is claimed before Hydra writes its config and log into it
+            with writer_lock(resumed) if resumed else nullcontext():
+                main()
+    except (ReportedError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:

@@ -8,7 +8,7 @@ the composed DictConfig once (`to_train_config`); from there on the package sees
 dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_method
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, OneOf, Range, check, valid
 from nanogpt.errors import UserError
 from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
@@ -23,72 +24,77 @@ from nanogpt.model import GPTConfig
 ASSETS = Path(__file__).parent / "assets"
 
 
+DEVICE = Matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
+DTYPE = OneOf("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class DataConfig:
     _target_: str = "nanogpt.data.TokenData"
     name: str = MISSING  # prepared data lives in <root>/<name>
     root: str = "data"  # outside the run folders: runs share prepared data
-    source: list[str] = field(default_factory=list)  # text files or folders to tokenise
+    source: list[str] = valid(check=Exists(), default_factory=list)  # text files or folders to tokenise
     hf_dataset: str | None = None  # a Hugging Face dataset instead of files (openwebtext)
     tokenizer: str = "char"  # char | a tiktoken encoding (gpt2)
-    val_fraction: float = 0.1  # the last 10% of the text is the validation split
-    batch_size: int = 12  # sequences per micro-step per rank
+    val_fraction: float = valid(0.1, FRACTION)  # the last 10% of the text is the validation split
+    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
     prefetch: bool = True  # build the next batch in a background thread while the step runs
+    reprepare: bool = False  # a folder prepared from other sources or settings is prepared again, not refused
 
 
 @dataclass
 class AdamWConfig:
     _target_: str = "nanogpt.optim.build_adamw"
-    learning_rate: float = 1e-3  # peak rate; nanoGPT's 6e-4 is GPT-2 124M's, 1e-3 suits small models
-    weight_decay: float = 0.1  # on 2-D weights only; biases, norms and gains are not decayed
-    beta1: float = 0.9
-    beta2: float = 0.99  # nanoGPT's default is 0.95; 0.99 suits few tokens per iteration
+    learning_rate: float = valid(1e-3, NON_NEGATIVE)  # peak rate; nanoGPT's 6e-4 is GPT-2 124M's, 1e-3 suits small models
+    weight_decay: float = valid(0.1, NON_NEGATIVE)  # on 2-D weights only; biases, norms and gains are not decayed
+    beta1: float = valid(0.9, PROBABILITY)
+    beta2: float = valid(0.99, PROBABILITY)  # nanoGPT's default is 0.95; 0.99 suits few tokens per iteration
     fused: bool | None = None  # None: the fused kernel where the device has one
 
 
 @dataclass
 class MuonConfig(AdamWConfig):
     _target_: str = "nanogpt.optim.build_muon"
-    learning_rate: float = 2e-2  # AdamW's part (embeddings, head, norms, biases): they learn fast
-    weight_decay: float = 0.0
-    beta2: float = 0.95
-    muon_learning_rate: float = 5e-3  # the 2-D hidden weights; update RMS 0.2 x this (match_rms_adamw)
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
+    learning_rate: float = valid(2e-2, NON_NEGATIVE)  # AdamW's part (embeddings, head, norms, biases): they learn fast
+    weight_decay: float = valid(0.0, NON_NEGATIVE)
+    beta2: float = valid(0.95, PROBABILITY)
+    muon_learning_rate: float = valid(5e-3, NON_NEGATIVE)  # the 2-D hidden weights; update RMS 0.2 x this (match_rms_adamw)
+    muon_momentum: float = valid(0.95, PROBABILITY)
+    muon_weight_decay: float = valid(0.0, NON_NEGATIVE)
 
 
 @dataclass
 class CosineScheduleConfig:
     _target_: str = "nanogpt.optim.cosine_schedule"
     decay_lr: bool = True  # False: constant learning rate after warmup
-    warmup_iters: int = 100
-    lr_decay_iters: int = II("max_iters")  # decay over the whole run (~ max_iters per Chinchilla)
-    min_lr: float = 1e-4  # ~ learning_rate / 10 per Chinchilla
+    warmup_iters: int = valid(100, NON_NEGATIVE)
+    lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # decay over the whole run (~ max_iters per Chinchilla)
+    min_lr: float = valid(1e-4, NON_NEGATIVE)  # ~ learning_rate / 10 per Chinchilla
 
 
 @dataclass
 class WSDScheduleConfig:
     _target_: str = "nanogpt.optim.wsd_schedule"
-    warmup_iters: int = 100
-    lr_decay_iters: int = II("max_iters")  # the schedule ends here, like cosine's
-    decay_fraction: float = 0.5  # the last half of lr_decay_iters decays linearly to min_lr
-    min_lr: float = 0.0
+    warmup_iters: int = valid(100, NON_NEGATIVE)
+    lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # the schedule ends here, like cosine's
+    decay_fraction: float = valid(0.5, Range(0, 1))  # the last half of lr_decay_iters decays linearly to min_lr
+    min_lr: float = valid(0.0, NON_NEGATIVE)
 
 
 @dataclass
 class SystemConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16/fp16 on CUDA, fp32 elsewhere)
+    device: str = valid("auto", DEVICE)
+    dtype: str = valid("auto", DTYPE)  # auto: bf16 (or fp16) on CUDA, fp32 elsewhere
     compile: bool | None = None  # torch.compile; None: on for CUDA, off elsewhere
-    seed: int = 1337  # rank r seeds its dropout with seed + r
+    seed: int = valid(1337, NON_NEGATIVE)  # rank r seeds its dropout with seed + r
     deterministic: bool = False  # bit-identical across processes; compiled CPU kernels otherwise add atomically
     tf32: bool = True  # TF32 matmuls on Ampere and newer
     cpu_memory_cache: bool = True  # on CPU, freed memory is reused instead of page-faulted afresh every step
     parallel_dropout: bool = False  # on CPU, dropout masks drawn on all threads (nanogpt.dropout), not torch's serial kernel
-    backend: str = "auto"  # auto | nccl | gloo
-    nproc_per_node: int = 1  # >1: this job starts that many DDP workers itself
-    num_threads: int | None = None  # None: the CPUs this process may use / local ranks
-    dist_timeout_s: int = 300  # a collective waiting longer means a peer died: fail, don't hang
+    backend: str = valid("auto", OneOf("auto", "nccl", "gloo"))
+    nproc_per_node: int = valid(1, POSITIVE)  # >1: this job starts that many DDP workers itself
+    num_threads: int | None = valid(None, POSITIVE)  # None: the CPUs this process may use / local ranks
+    dist_timeout_s: int = valid(300, POSITIVE)  # a collective waiting longer means a peer died: fail, don't hang
 
 
 @dataclass
@@ -99,7 +105,7 @@ class WandbConfig:
     name: str | None = None  # None: the job name and its overrides
     group: str | None = None  # None: the sweep folder in a multirun
     tags: list[str] = field(default_factory=list)
-    mode: str = "online"  # online | offline | disabled
+    mode: str = valid("online", OneOf("online", "offline", "disabled"))
 
 
 @dataclass
@@ -112,29 +118,29 @@ class TrainConfig:
     logger: dict[str, Any] = field(default_factory=dict)  # the trackers, by name: {} or {"wandb": WandbConfig}
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
-    max_iters: int = 2000
-    gradient_accumulation_steps: int = 1  # global micro-steps per iteration, divided among ranks
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_iters: int = 20  # batches per split and eval
+    max_iters: int = valid(2000, NON_NEGATIVE)
+    gradient_accumulation_steps: int = valid(1, POSITIVE)  # global micro-steps per iteration, divided among ranks
+    grad_clip: float = valid(1.0, NON_NEGATIVE)  # 0 disables clipping
+    eval_interval: int = valid(250, POSITIVE)
+    eval_iters: int = valid(20, POSITIVE)  # batches per split and eval
     eval_only: bool = False  # evaluate once and stop
     eval_at_start: bool = False  # nanoGPT evaluates at iteration 0; off so big models start at once
-    log_interval: int = 10
+    log_interval: int = valid(10, POSITIVE)
     always_save_checkpoint: bool = True  # False: also keep best.pt, the weights of the best val loss
-    nan_policy: str = "stop"  # stop | skip: what a non-finite loss or gradient norm does
+    nan_policy: str = valid("stop", OneOf("stop", "skip"))  # what a non-finite loss or gradient norm does
 
 
 @dataclass
 class SampleConfig:
     init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run
-    start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 3
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # <1 sharper, >1 more random
-    top_k: int | None = 200  # sample among the k likeliest tokens only
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
+    start: str = valid("\n", Exists(prefix="FILE:"))  # the prompt, or FILE:path to read it from a file
+    num_samples: int = valid(3, POSITIVE)
+    max_new_tokens: int = valid(500, POSITIVE)
+    temperature: float = valid(0.8, NON_NEGATIVE)  # <1 sharper, >1 more random; 0 greedy (the likeliest token)
+    top_k: int | None = valid(200, POSITIVE)  # sample among the k likeliest tokens only; None: all
+    seed: int = valid(1337, NON_NEGATIVE)
+    device: str = valid("auto", DEVICE)
+    dtype: str = valid("auto", DTYPE)
     compile: bool = False
     runs_root: str = "outputs"  # where the newest run is looked for
 
@@ -155,6 +161,11 @@ SCHEMAS = {
 }
 
 
+# what a `_target_` may name: nanogpt's own builders, the schemas' defaults. A run folder or an
+# override naming any other callable is refused (Hydra 1.3 has no allow-list of its own)
+BUILDERS = {f.default for node in SCHEMAS.values() for f in fields(node) if f.name == "_target_"}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
@@ -173,46 +184,23 @@ register_configs()
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Resolve and convert the composed config once, then check what types cannot."""
+    """Resolve and convert the composed config once, then check every key's range and rule."""
+    return to_config(cfg)
+
+
+def to_config(cfg: DictConfig):
+    """The composed config as its schema's dataclasses, checked before any work."""
     try:
         config = OmegaConf.to_object(cfg)
-        # GPTConfig checks its own invariants in __post_init__; the composed node skipped it
-        config.model = GPTConfig(**vars(config.model))
-    except ValueError as e:
+    except ValueError as e:  # GPTConfig checks itself on construction
         raise UserError(str(e)) from None
-    validate(config)
+    check(config)
     return config
-
-
-def validate(c: TrainConfig) -> None:
-    """Settings whose values, not types, are wrong. Each message says how to fix it."""
-    positive = {
-        "data.batch_size": c.data.batch_size,
-        "model.block_size": c.model.block_size,
-        "gradient_accumulation_steps": c.gradient_accumulation_steps,
-        "eval_iters": c.eval_iters,
-        "eval_interval": c.eval_interval,
-        "log_interval": c.log_interval,
-        "system.nproc_per_node": c.system.nproc_per_node,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key}={value} must be positive")
-    if c.max_iters < 0:
-        raise UserError(f"max_iters={c.max_iters} must be >= 0")
-    if c.nan_policy not in ("stop", "skip"):
-        raise UserError(f"nan_policy={c.nan_policy!r}: choose stop or skip")
-    if c.system.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"system.dtype={c.system.dtype!r}: choose auto, float32, bfloat16 or float16")
-    if not 0 < c.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction={c.data.val_fraction} must be between 0 and 1")
 
 
 def build(node, **runtime):
     """Call the builder a group's `_target_` names with the group's dataclass and the runtime
     dependencies (model, device, ...) as keywords: one level, never a tree of objects."""
-    try:
-        builder = get_method(node._target_)
-    except Exception as e:
-        raise UserError(f"_target_={node._target_!r} cannot be imported ({e})") from None
-    return builder(node, **runtime)
+    if node._target_ not in BUILDERS:
+        raise UserError(f"_target_={node._target_!r} is not one of nanogpt's builders: {', '.join(sorted(BUILDERS))}")
+    return get_method(node._target_)(node, **runtime)

@@ -7,43 +7,46 @@ QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gem
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanogpt.checks import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Rule, check, valid
 from nanogpt.dropout import Dropout
+from nanogpt.errors import UserError
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest context the model attends over
-    vocab_size: int | None = None  # None: taken from the data's vocabulary
-    vocab_pad_multiple: int = 1  # pad the vocabulary up to a multiple of this (64 gives GPT-2's 50304: faster matmuls)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    block_size: int = valid(1024, POSITIVE)  # longest context the model attends over
+    vocab_size: int | None = valid(None, POSITIVE)  # None: taken from the data's vocabulary
+    vocab_pad_multiple: int = valid(1, POSITIVE)  # pad the vocabulary to a multiple of this (64: GPT-2's 50304, faster matmuls)
+    n_layer: int = valid(12, POSITIVE)
+    n_head: int = valid(12, POSITIVE)
+    n_embd: int = valid(768, POSITIVE)
+    dropout: float = valid(0.0, PROBABILITY)
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a little better and faster
-    activation: str = "gelu"  # gelu (exact, nanoGPT) | gelu_tanh (Hugging Face GPT-2) | relu2
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    pos_emb: str = "learned"  # learned | rope
-    rope_base: float = 10000.0
+    activation: str = valid("gelu", OneOf("gelu", "gelu_tanh", "relu2"))  # gelu: exact (nanoGPT); gelu_tanh: Hugging Face GPT-2's
+    norm: str = valid("layernorm", OneOf("layernorm", "rmsnorm"))
+    pos_emb: str = valid("learned", OneOf("learned", "rope"))
+    rope_base: float = valid(10000.0, POSITIVE)
     qk_norm: bool = False  # normalise queries and keys per head before attention
     tie_embeddings: bool = True  # share the token embedding with the LM head
-    logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c)
+    logit_softcap: float = valid(0.0, NON_NEGATIVE)  # >0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # output projections (and an untied head) start at zero: blocks begin as the identity
 
+    # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
+    RULES: ClassVar[list[Rule]] = [
+        ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})", lambda c: c.n_embd % c.n_head == 0),
+    ]
+
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for key, allowed in (
-            ("activation", ("gelu", "gelu_tanh", "relu2")),
-            ("norm", ("layernorm", "rmsnorm")),
-            ("pos_emb", ("learned", "rope")),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        try:
+            check(self, "model.")
+        except UserError as e:
+            raise ValueError(str(e)) from None  # a constructor's bad argument
 
 
 def padded_vocab_size(config: GPTConfig, data_vocab_size: int) -> int:
@@ -254,15 +257,19 @@ class GPT(nn.Module):
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
     ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens tokens sampled one at a time."""
+        """Extend idx (B, T) by max_new_tokens tokens sampled one at a time; temperature 0 takes
+        the likeliest token (greedy)."""
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx

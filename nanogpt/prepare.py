@@ -2,14 +2,23 @@
 
 Streams: the text is read in chunks of about a megabyte, so memory stays bounded however large
 the input; BPE chunks are encoded on all cores. The folder appears atomically (built under a
-temporary name, then renamed), so an interrupted preparation leaves nothing a later run trips on.
+temporary name, then renamed), so an interrupted preparation leaves nothing a later run trips on;
+the next preparation removes what a dead one left.
+
+meta.json records what the folder was made from (each source's path, size, modification time and
+SHA-256, or the dataset's name; the tokenizer; the split). Every start compares that record with
+the run's data settings: a folder is never silently used for other data, nor prepared again in
+place unless data.reprepare=true says so (older runs and other jobs of a sweep may be reading it).
 
     python -m nanogpt.prepare data=shakespeare
 """
 
+import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +29,10 @@ from nanogpt.errors import UserError
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 CHUNK_CHARS = 1 << 20
+# formats that are not text, by their first bytes; a reader for each comes with the data issue
+BINARY_MAGIC = {b"PAR1": "a parquet file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
+
+log = logging.getLogger("nanogpt")
 
 
 def data_dir(data: DataConfig) -> Path:
@@ -31,34 +44,112 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def prepare(data: DataConfig, num_threads: int | None = None) -> Path:
-    """Prepare the data folder if it is not there yet; return its path."""
+    """Prepare the data folder if it is not there yet, or again if data.reprepare=true and it was
+    made from other settings; return its path."""
     out = data_dir(data)
+    remove_dead_leftovers(out)
     if (out / "meta.json").exists():
-        return out
-    if out.exists() and any(out.iterdir()):
+        why = stale(load_meta(out), data)
+        if why is None:
+            return out
+        if not data.reprepare:
+            raise UserError(f"data folder {out} was prepared from other data ({why}): choose another data.name, "
+                            "or set data.reprepare=true to prepare it again")
+        log.warning(f"preparing {out} again: {why}")
+    elif out.exists() and any(out.iterdir()):
         raise UserError(f"data folder {out} exists but has no meta.json: remove it or point data.root elsewhere")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        if data.hf_dataset:
-            meta = _prepare_hf(data, tmp, num_threads or len(os.sched_getaffinity(0)))
-        else:
-            meta = _prepare_files(data, tmp, num_threads or len(os.sched_getaffinity(0)))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            if out.exists():
-                out.rmdir()  # an empty folder left by hand
-            tmp.rename(out)
-        except OSError:
-            if not (out / "meta.json").exists():  # not a concurrent job that finished first
-                raise
+        threads = num_threads or len(os.sched_getaffinity(0))
+        meta = _prepare_hf(data, tmp, threads) if data.hf_dataset else _prepare_files(data, tmp, threads)
+        (tmp / "meta.json").write_text(json.dumps(meta | {"made_from": made_from(data)}, indent=1))
+        _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _install(tmp: Path, out: Path) -> None:
+    """tmp becomes out in one rename; an old out (data.reprepare) is moved aside first."""
+    old = out.with_name(f".{out.name}.old-{socket.gethostname()}-{os.getpid()}")
+    if (out / "meta.json").exists():
+        out.rename(old)
+    try:
+        if out.exists():
+            out.rmdir()  # an empty folder left by hand
+        tmp.rename(out)
+    except OSError:
+        if not (out / "meta.json").exists():  # not a concurrent job that finished first
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def made_from(data: DataConfig) -> dict:
+    """What a folder prepared with these settings is made from."""
+    record = {"tokenizer": data.tokenizer, "val_fraction": data.val_fraction, "hf_dataset": data.hf_dataset}
+    if not data.hf_dataset:
+        record["sources"] = [
+            {"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256(f)}
+            for f in source_files(data.source)
+        ]
+    return record
+
+
+def stale(meta: dict, data: DataConfig) -> str | None:
+    """Why a prepared folder does not hold what these settings would make, or None. A source
+    counts as the same when its path, size and modification time are, or its contents."""
+    record = meta.get("made_from")
+    if record is None:  # prepared before folders kept a record: it can only be trusted
+        return None
+    for key in ("tokenizer", "val_fraction", "hf_dataset"):
+        if record[key] != getattr(data, key):
+            return f"data.{key} was {record[key]!r}, now {getattr(data, key)!r}"
+    if data.hf_dataset:
+        return None
+    files, sources = source_files(data.source), record["sources"]
+    if len(files) != len(sources):
+        return f"{len(sources)} source files then, {len(files)} now"
+    for f, then in zip(files, sources):
+        now = f.stat()
+        same_file = (str(f.resolve()), now.st_mtime_ns) == (then["path"], then["mtime_ns"])
+        if now.st_size != then["size"] or not (same_file or sha256(f) == then["sha256"]):
+            return f"{f} is not the {then['path']} it was prepared from"
+    return None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_dead_leftovers(out: Path) -> None:
+    """Temporary folders of preparations of `out` whose process died on this host. A living one's
+    are never touched: it may be preparing right now."""
+    prefix = f".{out.name}."
+    for p in out.parent.glob(f"{prefix}*-{socket.gethostname()}-*") if out.parent.exists() else ():
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def source_files(sources: list[str]) -> list[Path]:
+    """The text files data.source names (folders: every file below, in order); anything that is
+    not text is refused, never read as characters."""
     if not sources:
         raise UserError("data.source is empty: name text files or folders, e.g. data.source=[notes/,book.txt]")
     files = []
@@ -72,7 +163,19 @@ def source_files(sources: list[str]) -> list[Path]:
             raise UserError(f"data.source: {s} does not exist")
     if not files:
         raise UserError(f"data.source {sources} holds no files")
+    for f in files:
+        kind = not_text(f)
+        if kind:
+            raise UserError(f"data.source: {f} is {kind}, not text: name text files (other formats have no reader yet)")
     return files
+
+
+def not_text(path: Path) -> str | None:
+    """What a file is when it is not text, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)), None)
+    return kind or ("binary (it holds NUL bytes)" if b"\0" in head else None)
 
 
 def read_chunks(files: list[Path]) -> Iterator[str]:

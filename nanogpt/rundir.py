@@ -1,10 +1,12 @@
-"""The files of a run folder besides Hydra's: status.json, metrics.jsonl and provenance.
+"""The files of a run folder besides Hydra's: status.json, metrics.jsonl, provenance, .lock.
 
 status.json says whether a run is running (with its pid and host), finished, failed (with the
 error) or interrupted; metrics.jsonl holds one JSON object per log or eval event and is the source
-of truth for the plots, the run list and the sweep summaries.
+of truth for the plots, the run list and the sweep summaries. .lock makes one process the writer
+of a folder.
 """
 
+import fcntl
 import json
 import os
 import platform
@@ -12,11 +14,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-STATUS, METRICS = "status.json", "metrics.jsonl"
+from nanogpt.errors import UserError
+
+STATUS, METRICS, LOCK = "status.json", "metrics.jsonl", ".lock"
+REQUEUE_WAIT_S = 30  # how long a requeued SLURM job waits for its previous run to let go of the folder
 
 
 @dataclass
@@ -28,6 +35,66 @@ class RunInfo:
     overrides: list[str] = field(default_factory=list)
     sweep_dir: str | None = None  # set for a job of a multirun
     job_num: int | None = None
+
+
+_held: dict[Path, list] = {}  # run folder -> [its locked file, holders in this process]
+
+
+@contextmanager
+def writer_lock(run_dir: Path) -> Iterator[None]:
+    """One writer per run folder: an flock on <run>/.lock, held while the block runs, naming its
+    holder (pid, host, SLURM job). A second process that would write there stops with one line
+    naming the holder. The kernel frees the lock when the holder dies, so a crashed run is
+    resumable at once; a requeued SLURM job (the same job id) waits for its previous run to exit.
+    Re-entrant within a process: the command holds it before Hydra writes into a resumed folder,
+    the trainer again around the run."""
+    path = Path(run_dir).resolve()
+    if path not in _held:
+        _held[path] = [_lock(path), 0]
+    _held[path][1] += 1
+    try:
+        yield
+    finally:
+        _held[path][1] -= 1
+        if _held[path][1] == 0:
+            _held.pop(path)[0].close()  # closing the file frees the lock
+
+
+def _lock(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / LOCK, "a+")
+    job, deadline = os.environ.get("SLURM_JOB_ID"), time.monotonic() + REQUEUE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _holder(f)
+            if job and holder.get("slurm_job_id") == job and time.monotonic() < deadline:
+                time.sleep(0.5)  # this job's previous run, requeued: it is on its way out
+                continue
+            f.close()
+            slurm = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+            raise UserError(
+                f"{path} is in use by pid {holder.get('pid')} on {holder.get('host')}{slurm}: "
+                "a run folder has one writer; wait for that run to end or stop it"
+            ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": job, "time": time.time()}))
+    f.flush()
+    return f
+
+
+def _holder(f) -> dict:
+    """Who holds a lock file, as it wrote itself there (it may be writing just now)."""
+    for _ in range(20):
+        f.seek(0)
+        try:
+            return json.loads(f.read())
+        except ValueError:
+            time.sleep(0.05)
+    return {}
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

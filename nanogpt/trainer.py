@@ -13,7 +13,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,30 +28,38 @@ from nanogpt.errors import Diverged, Interrupted, UserError
 from nanogpt.flops import peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
-from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status
+from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status, writer_lock
 from nanogpt.tracking import Recorder, start_trackers
 
 log = logging.getLogger("nanogpt")
 
 
 def launch(config: TrainConfig, run: RunInfo) -> float:
-    """Train in this process, or start system.nproc_per_node ranks and wait for them."""
+    """Train in this process, or start system.nproc_per_node ranks and wait for them (holding the
+    run folder's lock for them)."""
     nproc = config.system.nproc_per_node
     if distributed.is_rank_process() or nproc == 1:
         return train(config, run)
-    return distributed.spawn(_rank_entry, (config, run), nproc, config.system)
+    with writer_lock(run.run_dir):
+        return distributed.spawn(_rank_entry, (config, run), nproc, config.system)
 
 
 def _rank_entry(config: TrainConfig, run: RunInfo) -> float:
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(train)(config, run)  # record: the launcher shows this rank's error
+    return record(train)(config, run, hold_lock=False)  # record: the launcher shows this rank's error
 
 
-def train(config: TrainConfig, run: RunInfo) -> float:
-    """Train on this rank; return the best val loss. Rank 0 writes the run folder."""
+def train(config: TrainConfig, run: RunInfo, hold_lock: bool = True) -> float:
+    """Train on this rank; return the best val loss. Rank 0 writes the run folder, holding its
+    lock (hold_lock=False: a parent process holds it)."""
     # 1) where: this process's rank, device and precision, and the run folder
     dist = distributed.setup(config.system, resolve_device(config.system).type)  # checks the device early
+    with writer_lock(run.run_dir) if dist.is_main and hold_lock else nullcontext():
+        return _train(config, run, dist)
+
+
+def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> float:
     run_dir = open_run_dir(run, dist)
     with recorded_status(run_dir, dist):
         device, dtype = set_up_rank(config.system, dist)
@@ -62,6 +70,8 @@ def train(config: TrainConfig, run: RunInfo) -> float:
             data.prepare()
         distributed.broadcast_object(None, dist)  # a barrier that works on every backend
         saved = resume_state(run_dir, config.init_from)
+        if saved is not None:
+            warn_unused_overrides(config, run.overrides, saved)
         raw_model = build_model(config, data.meta, saved).to(device)
 
         # 3) how: the model wrapped for this world, optimizers, loss scaling, schedule, batches
@@ -257,6 +267,16 @@ def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
         )
     set_parallel_dropout(model, config.system.parallel_dropout)
     return model
+
+
+def warn_unused_overrides(config: TrainConfig, overrides: list[str], saved: dict) -> None:
+    """A resumed run's model is its checkpoint's: a model.* override that differs is named, not
+    dropped silently (a shorter block_size applies: the positions are cropped)."""
+    for key in dict.fromkeys(o.partition("=")[0].lstrip("+~") for o in overrides if o.lstrip("+~").startswith("model.")):
+        name = key.removeprefix("model.")
+        ours, theirs = getattr(config.model, name, None), saved["model_args"].get(name)
+        if ours != theirs and not (name == "block_size" and ours < theirs):
+            log.warning(f"{key}={ours} is not used: a resumed run keeps its checkpoint's model ({key}={theirs})")
 
 
 def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_dir: Path,

@@ -17,10 +17,11 @@ def options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_group_option_composes(group, option):
+def test_every_group_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "text"):
-        overrides.append("data.source=[notes.txt]")  # the one required key
+        (tmp_path / "notes.txt").write_text("some notes\n")
+        overrides.append(f"data.source=[{tmp_path / 'notes.txt'}]")  # the one required key: files that exist
     config = to_train_config(compose_cfg(*overrides))
     assert config.max_iters >= 0 and config.model.n_embd % config.model.n_head == 0
 
