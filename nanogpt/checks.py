@@ -97,6 +97,11 @@ class Exists:
     def __str__(self) -> str:
         return f"an existing path{f' after {self.prefix}' if self.prefix else ''}"
 
+    def explain(self, key: str, value) -> str:
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        missing = next(p for p in paths if p.startswith(self.prefix) and not Path(p[len(self.prefix):]).expanduser().exists())
+        return f"{key}: {missing[len(self.prefix):]} does not exist"
+
 
 POSITIVE = Range(0, low_open=True, name="positive")
 NON_NEGATIVE = Range(0)
@@ -117,7 +122,9 @@ def check(config, prefix: str = "") -> None:
         value = getattr(config, f.name)
         rule = f.metadata.get("valid")
         if rule is not None and value is not None and not rule.allows(value):
-            raise UserError(f"{prefix}{f.name}={_show(value)} must be {rule}")
+            explain = getattr(rule, "explain", None)
+            key = f"{prefix}{f.name}"
+            raise UserError(explain(key, value) if explain else f"{key}={_show(value)} must be {rule}")
         for key, child in _children(value, f"{prefix}{f.name}."):
             check(child, key)
     for what, holds in getattr(config, "RULES", ()):

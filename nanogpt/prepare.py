@@ -310,9 +310,10 @@ def load_meta(path: Path) -> dict:
 def main() -> None:
     import hydra
 
-    from nanogpt.cli import run_cli
+    from nanogpt.cli import job, run_cli
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    @job
     def _main(cfg) -> None:
         from nanogpt.config import to_train_config
 
