@@ -35,10 +35,12 @@ from omegaconf import DictConfig
 from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import TrainConfig, build, to_train_config
-from nanogpt.device import resolve_device, use_compile
+from nanogpt.device import autocast, resolve_device, use_compile
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, OneOf, valid
 from nanogpt.flops import measure_matmul_flops, published_peak
+from nanogpt.model import KVCache
 from nanogpt.rundir import seconds_since_process_start
+from nanogpt.sampling import Sampling, generate
 from nanogpt.trainer import Training, build_model, build_training, set_up_rank, train_step
 
 gc.freeze()  # ...and no later collection walks them
@@ -53,6 +55,10 @@ class BenchSettings:
     warmup: int = valid(3, NON_NEGATIVE)  # untimed iterations first: compilation, allocator and cache warm-up
     data: str = valid("real", OneOf("real", "synthetic"))  # real: the loader on prepared data | synthetic: random tokens made once
     json: bool = False  # print one JSON object instead of the report
+    task: str = valid("train", OneOf("train", "sample"))  # sample: prefill and decode speed of sample.py's engine
+    prompt_tokens: int = valid(16, POSITIVE)  # task=sample: the prompt's length
+    new_tokens: int = valid(500, POSITIVE)  # task=sample: tokens decoded per sample
+    samples: int = valid(8, POSITIVE)  # task=sample: the batch measured beside one sample
 
 
 @dataclass
@@ -228,12 +234,69 @@ def report(r: dict) -> str:
     )
 
 
+def bench_sampling(config: BenchConfig) -> dict:
+    """Prefill and decode speed of the sampling engine on a random prompt: one sample, then a batch."""
+    b = config.bench
+    dist = distributed.setup(config.system, resolve_device(config.system).type)
+    device, dtype = set_up_rank(config.system, dist)
+    data = build(config.data)
+    if b.data == "real":
+        data.prepare()
+    meta = data.meta if b.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
+    raw_model = build_model(config, meta, saved=None).to(device).eval()
+    model = torch.compile(raw_model, dynamic=True) if use_compile(config.system, device) else raw_model
+    g = torch.Generator().manual_seed(config.system.seed)
+    prompt = torch.randint(meta["vocab_size"], (b.prompt_tokens,), generator=g).tolist()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sampling = Sampling(temperature=1.0, seed=config.system.seed)
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    with torch.no_grad(), autocast(device, dtype):
+        timed(lambda: generate(model, [prompt], 1, 8, sampling))  # warm-up (and compilation)
+        prefill_s = statistics.median(
+            timed(lambda: model(torch.tensor([prompt], device=device), cache=KVCache.empty(raw_model, 1, device)))
+            for _ in range(5)
+        )
+        figures = {"prefill_tokens_per_s": b.prompt_tokens / prefill_s}
+        for n in dict.fromkeys([1, b.samples]):
+            seconds = timed(lambda: generate(model, [prompt], n, b.new_tokens, sampling))
+            figures[f"decode_tokens_per_s_{n}"] = n * b.new_tokens / max(seconds - prefill_s, 1e-9)
+            figures[f"seconds_{n}"] = seconds
+    return figures | {
+        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "compile": model is not raw_model,
+        "params": raw_model.get_num_params(non_embedding=False), "prompt_tokens": b.prompt_tokens,
+        "new_tokens": b.new_tokens, "samples": b.samples, "torch": torch.__version__,
+        "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+    }
+
+
+def report_sampling(r: dict) -> str:
+    lines = [
+        f"device      {r['device']}; {r['dtype']}, compile {r['compile']}, torch {r['torch']}",
+        f"model       {r['params'] / 1e6:.2f}M parameters; a {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens a sample",
+        f"prefill     {r['prefill_tokens_per_s']:,.0f} tokens/s",
+    ]
+    for n in dict.fromkeys([1, r["samples"]]):
+        lines.append(f"decode      {r[f'decode_tokens_per_s_{n}']:,.1f} tokens/s with {n} sample(s), "
+                     f"{r[f'seconds_{n}']:.2f} s in all")
+    if r["compile"]:
+        lines.append(f"compile     {r['graphs_compiled']} graphs for all of it (not one per token)")
+    return "\n".join(lines)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 @job
 def main(cfg: DictConfig) -> dict:
     config = to_train_config(cfg)
-    result = bench(config)
-    print(json.dumps(result) if config.bench.json else report(result), flush=True)
+    sample = config.bench.task == "sample"
+    result = bench_sampling(config) if sample else bench(config)
+    print(json.dumps(result) if config.bench.json else (report_sampling if sample else report)(result), flush=True)
     return result
 
 

@@ -134,11 +134,16 @@ class TrainConfig:
 class SampleConfig:
     init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run
     start: str = valid("\n", Exists(prefix="FILE:"))  # the prompt, or FILE:path to read it from a file
-    num_samples: int = valid(3, POSITIVE)
+    prompts_file: str | None = valid(None, Exists())  # instead of start: one prompt a line, each with num_samples samples
+    num_samples: int = valid(3, POSITIVE)  # per prompt, decoded as one batch
     max_new_tokens: int = valid(500, POSITIVE)
     temperature: float = valid(0.8, NON_NEGATIVE)  # <1 sharper, >1 more random; 0 greedy (the likeliest token)
     top_k: int | None = valid(200, POSITIVE)  # sample among the k likeliest tokens only; None: all
-    seed: int = valid(1337, NON_NEGATIVE)
+    top_p: float | None = valid(None, Range(0, 1, low_open=True))  # ...and among the likeliest whose mass reaches p
+    stop: list[str] = field(default_factory=list)  # a sample ends before the first of these strings (\n, \t understood)
+    seed: int = valid(1337, NON_NEGATIVE)  # sample j of each prompt draws from seed + j
+    stream: bool | None = None  # print the first sample as it is generated; None: when stdout is a terminal
+    format: str = valid("text", OneOf("text", "json"))  # json: one object a sample per line, for tools
     device: str = valid("auto", DEVICE)
     dtype: str = valid("auto", DTYPE)
     compile: bool = False

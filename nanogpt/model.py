@@ -73,9 +73,14 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, nh, T, hs)
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, nh, T, hs) at positions offset.. or, per row, positions (B, T)."""
         T = x.size(-2)
-        cos, sin = self.cos[offset : offset + T].to(x.dtype), self.sin[offset : offset + T].to(x.dtype)
+        if positions is None:
+            cos, sin = self.cos[offset : offset + T], self.sin[offset : offset + T]
+        else:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (B, 1, T, hs/2)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -96,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(config, head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, head_dim) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -104,9 +109,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        positions = cache.positions(T) if cache is not None else None
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        if self.attn_dropout.draws_own_mask(q):
+            q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
+        if cache is not None:
+            k, v, visible = cache.update(layer, k, v)  # every cached token: (B, nh, L, hs); (B, 1, T, L)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
             causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
@@ -146,8 +155,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -205,17 +214,22 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
+        """idx (B, T) -> (logits, loss). With a cache, idx follows the tokens cached so far: their
+        keys and values are attended over, and idx's are appended (sampling)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, n_embd) broadcast
+            positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
+            x = x + self.transformer.wpe(positions)  # (T or B x T, n_embd), broadcast
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
         x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.lengths += T
 
         if targets is None:
             # inference: only the last position's logits are needed
@@ -253,23 +267,58 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
         return self.flops_per_token() * tokens_per_second / peak_flops
 
-    @torch.no_grad()
-    def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens tokens sampled one at a time; temperature 0 takes
-        the likeliest token (greedy)."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+
+class KVCache:
+    """The keys and values of the tokens a batch has seen, per layer, preallocated to block_size
+    (B, n_head, block_size, head_dim), and each row's count of cached tokens. GPT.forward attends
+    over it and appends to it; the model stays a pure module (the cache is an argument)."""
+
+    def __init__(self, n_layer: int, batch_size: int, block_size: int, device: torch.device, static: bool = False):
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # allocated at the first write, in its dtype
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.block_size = block_size
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # static: attend over all block_size slots, masked, rather than up to the longest row: fixed
+        # shapes, so a compiled decode step compiles once instead of once per length
+        self.static = static
+
+    @classmethod
+    def empty(cls, model: "GPT", batch_size: int, device: torch.device, static: bool = False) -> "KVCache":
+        return cls(model.config.n_layer, batch_size, model.config.block_size, device, static)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """The positions (B, T) of T new tokens of each row."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append the new tokens' k, v (B, nh, T, hs) at each row's length; return the keys and
+        values of every cached token (up to the longest row) and which of them each new token
+        sees (B, 1, T, L): itself and those before it in its row."""
+        B, nh, T, hs = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
+        at = self.positions(T)  # (B, T)
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[layer][rows, :, at] = k.transpose(1, 2)  # indexed (B, T, nh, hs)
+        self.v[layer][rows, :, at] = v.transpose(1, 2)
+        L = self.block_size if self.static else int(at.max()) + 1
+        visible = torch.arange(L, device=k.device) <= at[:, :, None]  # (B, T, L)
+        return self.k[layer][:, :, :L], self.v[layer][:, :, :L], visible[:, None]
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows, in this order, from now on."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.k = [None if t is None else t[index] for t in self.k]
+        self.v = [None if t is None else t[index] for t in self.v]
+        self.lengths = self.lengths[index]
+
+    def fill(self, rows: list[int], one: "KVCache") -> None:
+        """Copy a cache of one row into these rows (a prompt prefilled once, for each sample)."""
+        for layer, (k, v) in enumerate(zip(one.k, one.v)):
+            if self.k[layer] is None:
+                self.k[layer] = k.new_zeros(len(self.lengths), *k.shape[1:])
+                self.v[layer] = v.new_zeros(len(self.lengths), *v.shape[1:])
+            self.k[layer][rows] = k
+            self.v[layer][rows] = v
+        self.lengths[rows] = one.lengths

@@ -73,11 +73,12 @@ def test_temperature_zero_is_greedy_the_same_text_as_top_k_1():
 
     from nanogpt.model import GPT, GPTConfig
 
+    from nanogpt.sampling import Sampling, generate
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
-    prompt = torch.zeros(2, 3, dtype=torch.long)
-    greedy = model.generate(prompt, 30, temperature=0.0)
-    assert torch.equal(greedy, model.generate(prompt, 30, temperature=1.0, top_k=1))
+    greedy = generate(model, [[0, 0, 0]], 2, 30, Sampling(temperature=0.0))
+    assert [r.tokens for r in greedy] == [r.tokens for r in generate(model, [[0, 0, 0]], 2, 30, Sampling(top_k=1))]
 
 
 # -- prepared data that cannot go stale -------------------------------------------------------------

@@ -56,10 +56,12 @@ def test_crop_block_size_keeps_logits_on_a_prefix():
 
 
 def test_generate_extends_and_respects_top_k():
+    from nanogpt.sampling import Sampling, generate
+
     model = tiny().eval()
-    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=20, temperature=1.0, top_k=1)
-    assert out.shape == (2, 23)
-    assert torch.equal(out[0], out[1])  # top_k=1 is greedy: same prompt, same text
+    rows = generate(model, [[0, 0, 0]], 2, 20, Sampling(temperature=1.0, top_k=1))
+    assert [len(r.tokens) for r in rows] == [23, 23]
+    assert rows[0].tokens == rows[1].tokens  # top_k=1 is greedy: same prompt, same text
 
 
 def test_invalid_head_count_is_rejected():

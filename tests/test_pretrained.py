@@ -45,9 +45,11 @@ def logits(model, idx: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(model: GPT, prompt: str, n: int) -> str:
+    from nanogpt.sampling import Sampling, generate
+
     tok = TiktokenTokenizer("gpt2")
-    out = model.eval().generate(torch.tensor([tok.encode(prompt)]), n, top_k=1)
-    return tok.decode(out[0].tolist())
+    (row,) = generate(model, [tok.encode(prompt)], 1, n, Sampling(temperature=1.0, top_k=1))  # through the cache
+    return tok.decode(row.tokens)
 
 
 def export_cli(run, out) -> subprocess.CompletedProcess:
