@@ -15,7 +15,7 @@ published bf16 peak of a known GPU and against a large matmul measured here in t
 import gc
 
 gc.disable()  # the imports make ~0.5M objects that live as long as the process: collecting
-#                them while they pile up took ~0.5 s of start-up (README, Benchmark)
+#                them while they pile up took ~0.5 s of start-up (docs/benchmark.md)
 
 import json
 import platform
@@ -38,7 +38,8 @@ from nanogpt.config import TrainConfig, build, to_train_config
 from nanogpt.device import autocast, resolve_device, use_compile
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, OneOf, valid
 from nanogpt.flops import measure_matmul_flops, published_peak
-from nanogpt.model import KVCache
+from nanogpt.data import TokenData
+from nanogpt.model import GPT, KVCache
 from nanogpt.rundir import seconds_since_process_start
 from nanogpt.sampling import Sampling, generate
 from nanogpt.trainer import Training, build_model, build_training, set_up_rank, train_step
@@ -119,20 +120,24 @@ class Waited:
         return item
 
 
+def set_up(config: BenchConfig) -> tuple[GPT, torch.dtype, TokenData, distributed.DistInfo]:
+    """The trainer's set-up of one process (device, precision, threads, seed) and its model."""
+    dist = distributed.setup(config.system, resolve_device(config.system).type)
+    device, dtype = set_up_rank(config.system, dist)
+    data = build(config.data)
+    if config.bench.data == "real":
+        data.prepare()
+    meta = data.meta if config.bench.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
+    return build_model(config, meta, saved=None).to(device), dtype, data, dist
+
+
 def bench(config: BenchConfig) -> dict:
     """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
     b = config.bench
-
-    # 1) device, precision, threads and seed: the trainer's set-up of one process
-    dist = distributed.setup(config.system, resolve_device(config.system).type)
-    device, dtype = set_up_rank(config.system, dist)
-
-    # 2) model, optimizer and batches: the trainer's builders
-    data = build(config.data)
-    if b.data == "real":
-        data.prepare()
-    meta = data.meta if b.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
-    training = build_training(config, build_model(config, meta, saved=None).to(device), device, dtype, dist)
+    # 1) the trainer's set-up of one process, its model, optimizer and batches
+    model, dtype, data, dist = set_up(config)
+    device = model.lm_head.weight.device
+    training = build_training(config, model, device, dtype, dist)
     block_size = training.raw_model.config.block_size
     if b.data == "real":
         loader = data.loader(block_size=block_size, device=device, seed=config.system.seed, micro_steps=training.micro_steps)
@@ -142,7 +147,7 @@ def bench(config: BenchConfig) -> dict:
         batches = Waited(synthetic_batches(config.data.batch_size, block_size, vocab, device, config.system.seed))
     sync = torch.cuda.synchronize if device.type == "cuda" else None  # the device's time, not the host's queueing
 
-    # 3) warm-up, then the timed iterations: the trainer's step
+    # 2) warm-up, then the timed iterations: the trainer's step
     startup_s = seconds_since_process_start()
     step_s, data_s = [], []
     for i in range(b.warmup + b.iters):
@@ -237,16 +242,12 @@ def report(r: dict) -> str:
 def bench_sampling(config: BenchConfig) -> dict:
     """Prefill and decode speed of the sampling engine on a random prompt: one sample, then a batch."""
     b = config.bench
-    dist = distributed.setup(config.system, resolve_device(config.system).type)
-    device, dtype = set_up_rank(config.system, dist)
-    data = build(config.data)
-    if b.data == "real":
-        data.prepare()
-    meta = data.meta if b.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
-    raw_model = build_model(config, meta, saved=None).to(device).eval()
+    raw_model, dtype, _, _ = set_up(config)
+    raw_model.eval()
+    device = raw_model.lm_head.weight.device
     model = torch.compile(raw_model, dynamic=True) if use_compile(config.system, device) else raw_model
     g = torch.Generator().manual_seed(config.system.seed)
-    prompt = torch.randint(meta["vocab_size"], (b.prompt_tokens,), generator=g).tolist()
+    prompt = torch.randint(raw_model.config.vocab_size, (b.prompt_tokens,), generator=g).tolist()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sampling = Sampling(temperature=1.0, seed=config.system.seed)
 

@@ -10,7 +10,7 @@
 import gc
 
 gc.disable()  # the imports make ~0.5M objects that live as long as the process: collecting
-#                them while they pile up took ~0.5 s of start-up (README, Benchmark)
+#                them while they pile up took ~0.5 s of start-up (docs/benchmark.md)
 
 from pathlib import Path
 

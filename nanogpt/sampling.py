@@ -54,9 +54,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(dim=-1) - probs  # of the likelier tokens
-        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the likelier tokens already reach top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))  # in vocabulary order
     return logits
 
 

@@ -1,5 +1,5 @@
 """Side by side on this machine: our train.py against nanoGPT's, in one session, printing the
-README's benchmark tables (markdown).
+benchmark tables of docs/benchmark.md (markdown).
 
     python scripts/bench_vs_nanogpt.py /path/to/nanoGPT              # both workloads, 5 rounds
     python scripts/bench_vs_nanogpt.py /path/to/nanoGPT --only char --rounds 3 --char-iters 300
@@ -42,7 +42,7 @@ from nanogpt.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent  # the nanogpt checkout: train.py, conf/
 
-EVAL_ITERS = (250, 500, 1000, 2000)  # the char recipe's val losses the README shows
+EVAL_ITERS = (250, 500, 1000, 2000)  # the char recipe's val losses docs/benchmark.md shows
 NANO_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", re.M)
 NANO_EVAL = re.compile(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", re.M)
 

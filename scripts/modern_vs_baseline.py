@@ -1,5 +1,5 @@
 """Time to nanoGPT's val loss: the modern recipe against our nanoGPT-equivalent baseline, then the
-ablation of each modern option; prints the README's tables (markdown).
+ablation of each modern option; prints the tables of docs/modern_recipe.md (markdown).
 
     python scripts/modern_vs_baseline.py                          # 3 seeds, ablation included
     python scripts/modern_vs_baseline.py --ablation-seeds 1337    # ablation on one seed only
