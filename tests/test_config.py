@@ -102,6 +102,7 @@ def test_each_default_lives_in_one_place(schema, files):
             assert not same, f"{f.name} repeats the schema's defaults: {same}"
 
 
+@pytest.mark.slow
 def test_schemas_are_not_offered_as_options():
     assert not [o for g in GROUPS for o in options(g) if o.endswith("_schema")]
     for script in ("train.py", "sample.py", "bench.py"):

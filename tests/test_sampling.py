@@ -129,6 +129,7 @@ def test_streamed_output_is_the_same_bytes_as_whole_samples(stop):
     assert outputs[0].startswith("naïve café ") and "\ufffd" not in outputs[0]
 
 
+@pytest.mark.slow
 def test_sample_py_streams_the_same_bytes_as_it_prints(tmp_path):
     """A random model with GPT-2's vocabulary emits byte tokens that split characters."""
     torch.manual_seed(0)
