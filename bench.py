@@ -42,7 +42,7 @@ from nanogpt.data import TokenData
 from nanogpt.model import GPT, KVCache
 from nanogpt.rundir import seconds_since_process_start
 from nanogpt.sampling import Sampling, generate
-from nanogpt.trainer import Training, build_model, build_training, set_up_rank, train_step
+from nanogpt.trainer import Training, build_model, build_training, set_up_rank, tokens_per_iter, train_step
 
 gc.freeze()  # ...and no later collection walks them
 gc.enable()
@@ -170,8 +170,8 @@ def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[
     b, raw_model, device, micro_steps = config.bench, t.raw_model, t.device, t.micro_steps
     batch_size, block_size = config.data.batch_size, raw_model.config.block_size
     median = statistics.median(step_s)
-    tokens_per_iter = micro_steps * batch_size * block_size
-    tokens_per_s = tokens_per_iter / median
+    tokens = tokens_per_iter(config, block_size)  # one process: its micro-steps are all of them
+    tokens_per_s = tokens / median
     flops_per_token = raw_model.flops_per_token()
     achieved = flops_per_token * tokens_per_s
     published = published_peak(device)
@@ -185,7 +185,7 @@ def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[
         "batch_size": batch_size,
         "block_size": block_size,
         "micro_steps": micro_steps,
-        "tokens_per_iter": tokens_per_iter,
+        "tokens_per_iter": tokens,
         "data": b.data,
         "iters": b.iters,
         "warmup": b.warmup,

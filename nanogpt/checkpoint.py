@@ -129,20 +129,24 @@ def resume_state(run_dir: Path, init_from: str) -> dict | None:
     return None
 
 
-def weights_file(path: Path) -> Path:
-    """The checkpoint a path names: a file as it is; a run folder's best.pt, else its ckpt.pt."""
+def weights_file(path: Path) -> Path | None:
+    """The checkpoint a path names: a file as it is; a run folder's best.pt, else its ckpt.pt;
+    None for a folder without either."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        for name in (BEST, LAST):
-            if (path / name).exists():
-                return path / name
+    if not path.is_dir():
+        return path
+    return next((path / name for name in (BEST, LAST) if (path / name).exists()), None)
+
+
+def checkpoint_model(path: Path) -> tuple[GPT, dict | None]:
+    """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta."""
+    file = weights_file(path)
+    if file is None:
         raise UserError(f"no checkpoint in {path}")
-    return path
-
-
-def is_checkpoint(path: Path) -> bool:
-    path = Path(path).expanduser()
-    return path.suffix == ".pt" or (path.is_dir() and any((path / name).exists() for name in (BEST, LAST)))
+    state = load_checkpoint(file)
+    if "model_args" not in state or "model" not in state:
+        raise UserError(f"{file} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
+    return model_from_state(state), state.get("meta")
 
 
 def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict | None]:
@@ -152,11 +156,9 @@ def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict |
     - gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder.
     Hugging Face weights take `model`'s dropout and a shorter block_size (a checkpoint is loaded as
     it was saved)."""
-    if source not in GPT2_NAMES and is_checkpoint(source):
-        state = load_checkpoint(weights_file(source))
-        if "model_args" not in state or "model" not in state:
-            raise UserError(f"{source} has no model_args: not a nanoGPT or nanogpt checkpoint")
-        return model_from_state(state), state.get("meta")
+    path = Path(source).expanduser()
+    if source not in GPT2_NAMES and (path.suffix == ".pt" or (path.is_dir() and weights_file(path) is not None)):
+        return checkpoint_model(path)
     return load_pretrained(source, model or GPTConfig()), None
 
 

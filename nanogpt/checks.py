@@ -87,9 +87,13 @@ class Exists:
 
     prefix: str = ""
 
+    def missing(self, v) -> str | None:
+        """The first path of v that does not exist."""
+        paths = [p[len(self.prefix):] for p in (v if isinstance(v, (list, tuple)) else [v]) if p.startswith(self.prefix)]
+        return next((p for p in paths if not Path(p).expanduser().exists()), None)
+
     def allows(self, v) -> bool:
-        paths = v if isinstance(v, (list, tuple)) else [v]
-        return all(not p.startswith(self.prefix) or Path(p[len(self.prefix):]).expanduser().exists() for p in paths)
+        return self.missing(v) is None
 
     def outside(self):
         return f"{self.prefix}/no/such/file"
@@ -98,9 +102,7 @@ class Exists:
         return f"an existing path{f' after {self.prefix}' if self.prefix else ''}"
 
     def explain(self, key: str, value) -> str:
-        paths = value if isinstance(value, (list, tuple)) else [value]
-        missing = next(p for p in paths if p.startswith(self.prefix) and not Path(p[len(self.prefix):]).expanduser().exists())
-        return f"{key}: {missing[len(self.prefix):]} does not exist"
+        return f"{key}: {self.missing(value)} does not exist"
 
 
 POSITIVE = Range(0, low_open=True, name="positive")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nanogpt.checkpoint import load_checkpoint, model_from_state, weights_file
+from nanogpt.checkpoint import checkpoint_model
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
 from nanogpt.pretrained import HF_ACTIVATION, HF_EXTRA, conv1d_weights, not_in_gpt2
@@ -93,20 +93,16 @@ def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
 
 def export(run: Path, out: Path) -> list[str]:
     """Write the run's model into out as a Hugging Face GPT-2 folder; return the files written."""
-    path = weights_file(Path(run))
-    state = load_checkpoint(path)
-    if "model_args" not in state or "model" not in state:
-        raise UserError(f"{path} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
-    model = model_from_state(state)
+    model, meta = checkpoint_model(Path(run))
     bad = not_in_gpt2(model.config)
     if bad:
-        raise UserError(f"cannot export {path} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")
+        raise UserError(f"cannot export {run} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError(f"export needs safetensors: {HF_EXTRA}") from None
 
-    gpt2_bpe = (state.get("meta") or {}).get("tokenizer") == "gpt2"
+    gpt2_bpe = (meta or {}).get("tokenizer") == "gpt2"
     files = {"config.json": (json.dumps(hf_config(model, gpt2_bpe), indent=2) + "\n").encode()}
     if gpt2_bpe:
         files |= gpt2_tokenizer_files(model.config.block_size)  # before writing anything: it may fail offline

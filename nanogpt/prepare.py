@@ -26,6 +26,7 @@ import numpy as np
 
 from nanogpt.config import DataConfig
 from nanogpt.errors import UserError
+from nanogpt.rundir import pid_alive
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 CHUNK_CHARS = 1 << 20
@@ -135,16 +136,6 @@ def remove_dead_leftovers(out: Path) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def source_files(sources: list[str]) -> list[Path]:

@@ -97,6 +97,19 @@ def _holder(f) -> dict:
     return {}
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process of this host exists (signal 0 only checks)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    return True
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))

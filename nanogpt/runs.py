@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nanogpt.rundir import read_metrics, read_status
+from nanogpt.rundir import pid_alive, read_metrics, read_status
 
 DEFAULT_FOLDERS = ("outputs", "multirun")
 SKIP = {".hydra", ".submitit", "wandb"}  # never hold run folders: don't walk them
@@ -69,7 +69,7 @@ def status(run_dir: Path) -> str:
     """status.json's word, except that a run whose process is gone from this host is 'crashed'
     (killed: SIGKILL, out of memory, a lost node); a run on another host is taken at its word."""
     s = read_status(run_dir)
-    if s.get("status") == "running" and s.get("host") == socket.gethostname() and not _alive(s.get("pid")):
+    if s.get("status") == "running" and s.get("host") == socket.gethostname() and not pid_alive(s.get("pid")):
         return "crashed"
     return s.get("status", "unknown")
 
@@ -99,18 +99,6 @@ def format_runs(runs: list[Run]) -> str:
         ])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip() for row in table)
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    return True
 
 
 def _show(folder: Path) -> str:

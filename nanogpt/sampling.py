@@ -145,13 +145,19 @@ class Texts:
         self.prompt_chars = [len(tokenizer.decode(p)) for p in prompts]
         self.streamed, self.printed = None, 0  # the row being streamed, and how much of it is out
 
-    def text(self, row: Row) -> str:
+    def _decoded(self, row: Row) -> tuple[str, int]:
+        """The row's whole text, and where the first stop string after the prompt begins (its length if none)."""
         text = self.tokenizer.decode(row.tokens)
         cuts = [i for i in (text.find(s, self.prompt_chars[row.prompt]) for s in self.stop) if i >= 0]
-        return text[: min(cuts)] if cuts else text
+        return text, min(cuts, default=len(text))
+
+    def text(self, row: Row) -> str:
+        text, cut = self._decoded(row)
+        return text[:cut]
 
     def stopped(self, row: Row) -> bool:
-        return len(self.text(row)) < len(self.tokenizer.decode(row.tokens))
+        text, cut = self._decoded(row)
+        return cut < len(text)
 
     def on_token(self, row: Row) -> None:
         if self.stream and self.streamed is None and (row.prompt, row.sample) == (0, 0):
@@ -170,10 +176,11 @@ class Texts:
 
     def write(self, rows: list[Row], format: str) -> None:
         for row in rows:
-            text = self.text(row)
+            whole, cut = self._decoded(row)
+            text = whole[:cut]
             if format == "json":
                 record = {"prompt": row.prompt, "sample": row.sample, "text": text, "new_tokens": row.new,
-                          "stopped": len(text) < len(self.tokenizer.decode(row.tokens))}
+                          "stopped": cut < len(whole)}
                 self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
             else:
                 self.out.write(f"{text[self.printed:] if row is self.streamed else text}\n{SEPARATOR}\n")

@@ -98,8 +98,8 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
     """Iterations state.iter_num .. max_iters; returns the best val loss."""
     resume_hint = f"resume with: python train.py resume={run_dir}"
     start_iter = state.iter_num
-    tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * t.raw_model.config.block_size
-    progress = Progress(config, t, tokens_per_iter, dist, start_iter)
+    tokens = tokens_per_iter(config, t.raw_model.config.block_size)
+    progress = Progress(config, t, tokens, dist, start_iter)
     bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
     batches = loader.train_batches(start_iter)
     exit_code = 0
@@ -121,7 +121,7 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
                     losses = estimate_loss(t.model, loader, config.eval_iters, t.autocast)
                     log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     recorder.log({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
-                                  "tokens": it * tokens_per_iter, "train_time_s": state.train_time_s})
+                                  "tokens": it * tokens, "train_time_s": state.train_time_s})
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                     if it > 0 and not config.eval_only:
@@ -235,6 +235,11 @@ def build_training(config: TrainConfig, model: GPT, device: torch.device, dtype:
     )
 
 
+def tokens_per_iter(config: TrainConfig, block_size: int) -> int:
+    """Tokens in one iteration, over all ranks: micro-steps x batch x block."""
+    return config.gradient_accumulation_steps * config.data.batch_size * block_size
+
+
 def per_rank_micro_steps(gradient_accumulation_steps: int, world_size: int) -> int:
     if gradient_accumulation_steps % world_size:
         raise UserError(
@@ -293,14 +298,13 @@ def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_di
 
 def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path, dist: distributed.DistInfo) -> None:
     m = t.raw_model.config
-    tokens_per_iter = config.gradient_accumulation_steps * config.data.batch_size * m.block_size
     log.info(
         f"run folder {run_dir}\n"
         f"device {t.device}, dtype {str(t.dtype).replace('torch.', '')}, world size {dist.world_size}, "
         f"compile {use_compile(config.system, t.device)}, threads {torch.get_num_threads()}\n"
         f"model {t.raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
         f"vocabulary {m.vocab_size}, block {m.block_size}\n"
-        f"tokens per iteration {tokens_per_iter:,} "
+        f"tokens per iteration {tokens_per_iter(config, m.block_size):,} "
         f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {m.block_size})"
         + (f"\nresuming at iteration {state.iter_num} (best val loss {state.best_val_loss:.4f})" if state.iter_num else "")
     )
