@@ -10,13 +10,13 @@ dataclasses, and `build` hands each group's dataclass to the builder its `_targe
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_method
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, OneOf, Range, check, valid
+from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, OneOf, Range, Rule, check, valid
 from nanogpt.errors import UserError
 from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
@@ -33,13 +33,36 @@ class DataConfig:
     _target_: str = "nanogpt.data.TokenData"
     name: str = MISSING  # prepared data lives in <root>/<name>
     root: str = "data"  # outside the run folders: runs share prepared data
-    source: list[str] = valid(check=Exists(), default_factory=list)  # text files or folders to tokenise
-    hf_dataset: str | None = None  # a Hugging Face dataset instead of files (openwebtext)
-    tokenizer: str = "char"  # char | a tiktoken encoding (gpt2)
-    val_fraction: float = valid(0.1, FRACTION)  # the last 10% of the text is the validation split
-    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
-    prefetch: bool = True  # build the next batch in a background thread while the step runs
+    # the text: local files, or a Hugging Face dataset read as a stream
+    source: list[str] = valid(check=Exists(), default_factory=list)  # text, .jsonl(.gz), .parquet files or folders
+    hf_dataset: str | None = None  # a Hub dataset (HuggingFaceFW/fineweb-edu), or a local folder laid out like one
+    hf_name: str | None = None  # its configuration (sample-10BT)
+    hf_revision: str | None = None  # a commit or branch: the same data however the Hub changes
+    data_files: list[str] = field(default_factory=list)  # the dataset's files to read (patterns); empty: its train split
+    text_column: str = "text"  # of jsonl, parquet and dataset rows
+    max_tokens: int | None = valid(None, POSITIVE)  # stop about here (at a batch's end); raising it extends the folder
+    expected_documents: int | None = valid(None, POSITIVE)  # the full dataset's rows: a copy that holds fewer is reported
+    # the vocabulary
+    tokenizer: str = "char"  # char | a tiktoken encoding (gpt2) | bpe: a byte-level BPE trained on the source
+    bpe_vocab_size: int = valid(4096, Range(258))  # tokenizer=bpe: 256 bytes, the merges, <|endoftext|>
+    bpe_train_chars: int = valid(100_000_000, POSITIVE)  # the BPE learns from the train split's first characters
+    # the folder
+    val_fraction: float = valid(0.1, FRACTION)  # the last 10% of text files' characters; every 10th row of the others
+    shard_tokens: int = valid(100_000_000, POSITIVE)  # tokens a shard file
+    workers: int | None = valid(None, POSITIVE)  # encoding threads; None: every core
     reprepare: bool = False  # a folder prepared from other sources or settings is prepared again, not refused
+    # the batches
+    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
+    order: str = valid("random", OneOf("random", "epoch"))  # epoch: every window once an epoch, ranks never share one
+    align: bool = False  # windows start at a document's first token (long documents: every block_size tokens)
+    prefetch: bool = True  # build the next batch in a background thread while the step runs
+
+    RULES: ClassVar[list[Rule]] = [
+        ("{prefix}source and {prefix}hf_dataset are both set: name local files or a dataset, not both",
+         lambda c: not (c.source and c.hf_dataset)),
+        ("{prefix}data_files, hf_name and hf_revision choose what a Hugging Face dataset gives: set {prefix}hf_dataset",
+         lambda c: c.hf_dataset or not (c.data_files or c.hf_name or c.hf_revision)),
+    ]
 
 
 @dataclass

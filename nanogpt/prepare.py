@@ -1,37 +1,50 @@
-"""Text -> token memmaps: <root>/<name>/{train.bin, val.bin, meta.json}.
+"""Text -> token shards: <root>/<name>/{train_000000.bin, ..., val_000000.bin, ..., meta.json}.
 
-Streams: the text is read in chunks of about a megabyte, so memory stays bounded however large
-the input; BPE chunks are encoded on all cores. The folder appears atomically (built under a
-temporary name, then renamed), so an interrupted preparation leaves nothing a later run trips on;
-the next preparation removes what a dead one left.
+A preparation reads the sources as a stream of pieces (nanogpt.sources), learns the vocabulary if
+the tokenizer is trained (characters, or a BPE), encodes batches of pieces on every core and cuts
+each split's tokens into shards of data.shard_tokens (nanogpt.shards). Memory stays bounded: a few
+batches in flight and one open shard a split.
 
-meta.json records what the folder was made from (each source's path, size, modification time and
-SHA-256, or the dataset's name; the tokenizer; the split). Every start compares that record with
-the run's data settings: a folder is never silently used for other data, nor prepared again in
-place unless data.reprepare=true says so (older runs and other jobs of a sweep may be reading it).
+Resumable: after each batch that completes a shard, progress.json records the source position and
+the open shards' tokens (in .partial files). A preparation killed at any point continues from
+there and writes byte-identical shards, whatever data.workers: batches are a fixed number of
+pieces counted from the start, and every piece is encoded on its own. data.max_tokens stops at the
+end of the batch that reaches it; raising it later extends the folder from where it stopped.
+
+meta.json, written last, marks a finished folder and records what it was made from (each source's
+path, size, modification time and SHA-256, or the dataset's name, configuration, revision and
+files; the tokenizer; the split; the budget). Every start compares that record with the run's
+settings: a folder is never silently used for other data, nor prepared again in place unless
+data.reprepare=true says so (older runs and other jobs of a sweep may be reading it).
 
     python -m nanogpt.prepare data=shakespeare
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from nanogpt.config import DataConfig
 from nanogpt.errors import UserError
-from nanogpt.rundir import pid_alive
-from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
+from nanogpt.shards import read_shard, token_dtype, write_shard
+from nanogpt.sources import Source, groups, source_files, text_chars
+from nanogpt.tokenizer import definition, fingerprint, tiktoken_encoding, tokenizer_from_meta, train_bpe
 
-CHUNK_CHARS = 1 << 20
-# formats that are not text, by their first bytes; a reader for each comes with the data issue
-BINARY_MAGIC = {b"PAR1": "a parquet file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
+BATCH_PIECES = 128  # pieces encoded together: documents, or 64K-character chunks of text files
+SPLITS = ("train", "val")
+LAYOUT = 2  # 1: one train.bin and val.bin, before shards
 
 log = logging.getLogger("nanogpt")
 
@@ -40,76 +53,291 @@ def data_dir(data: DataConfig) -> Path:
     return Path(data.root).expanduser() / data.name
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def prepare(data: DataConfig, num_threads: int | None = None) -> Path:
-    """Prepare the data folder if it is not there yet, or again if data.reprepare=true and it was
-    made from other settings; return its path."""
+def prepare(data: DataConfig) -> Path:
+    """Prepare the data folder if it is not there yet, finish or extend it, or prepare it again if
+    data.reprepare=true and it was made from other settings; return its path."""
     out = data_dir(data)
-    remove_dead_leftovers(out)
-    if (out / "meta.json").exists():
-        why = stale(load_meta(out), data)
-        if why is None:
-            return out
-        if not data.reprepare:
-            raise UserError(f"data folder {out} was prepared from other data ({why}): choose another data.name, "
-                            "or set data.reprepare=true to prepare it again")
-        log.warning(f"preparing {out} again: {why}")
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"data folder {out} exists but has no meta.json: remove it or point data.root elsewhere")
-    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
-        threads = num_threads or len(os.sched_getaffinity(0))
-        meta = _prepare_hf(data, tmp, threads) if data.hf_dataset else _prepare_files(data, tmp, threads)
-        (tmp / "meta.json").write_text(json.dumps(meta | {"made_from": made_from(data)}, indent=1))
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with preparation_lock(out):
+        meta = load_meta(out) if (out / "meta.json").exists() else None
+        if meta is not None:
+            why = stale(meta, data)
+            if why is None:
+                return out
+            if why != "extend":
+                if not data.reprepare:
+                    raise UserError(f"data folder {out} was prepared from other data ({why}): choose another "
+                                    "data.name, or set data.reprepare=true to prepare it again")
+                log.warning(f"preparing {out} again: {why}")
+                _remove(out)
+                meta = None
+        elif out.exists() and any(out.iterdir()) and not (out / "progress.json").exists():
+            raise UserError(f"data folder {out} exists but holds no prepared data: remove it or point data.root elsewhere")
+        try:
+            Preparation(data, out, meta).run()
+        except UserError:
+            if meta is None and out.exists():  # the data is wrong: nothing worth continuing from
+                _remove(out)
+            raise
     return out
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """tmp becomes out in one rename; an old out (data.reprepare) is moved aside first."""
+@contextmanager
+def preparation_lock(out: Path):
+    """One preparation of a folder at a time (the jobs of a sweep start together); the others wait,
+    then find it prepared."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove(out: Path) -> None:
+    """Move the folder aside in one rename, then delete it: it never exists half-deleted."""
     old = out.with_name(f".{out.name}.old-{socket.gethostname()}-{os.getpid()}")
-    if (out / "meta.json").exists():
-        out.rename(old)
-    try:
-        if out.exists():
-            out.rmdir()  # an empty folder left by hand
-        tmp.rename(out)
-    except OSError:
-        if not (out / "meta.json").exists():  # not a concurrent job that finished first
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Split:
+    """One split's shards so far and its open shard's tokens."""
+
+    def __init__(self, name: str, shards: list[str], tokens: int, dtype: np.dtype):
+        self.name, self.shards, self.tokens, self.dtype = name, shards, tokens, dtype
+        self.pending: list[np.ndarray] = []
+        self.doc_starts: list[int] = []
+        self.open_tokens = 0
+
+    def add(self, ids: np.ndarray, document: bool) -> None:
+        if document:
+            self.doc_starts.append(self.open_tokens)
+        self.pending.append(ids.astype(self.dtype, copy=False))
+        self.open_tokens += ids.size
+        self.tokens += ids.size
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The open shard's first n tokens and their document starts; the rest stays open."""
+        tokens = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        starts = np.array(self.doc_starts, dtype=np.int64)
+        self.pending, self.open_tokens = [tokens[n:]] if n < tokens.size else [], max(tokens.size - n, 0)
+        self.doc_starts = [int(s - n) for s in starts[starts >= n]]
+        return tokens[:n], starts[starts < n]
+
+
+class Preparation:
+    def __init__(self, data: DataConfig, out: Path, meta: dict | None):
+        self.data, self.out, self.workers = data, out, data.workers or len(os.sched_getaffinity(0))
+        self.record = made_from(data)
+        self.state = self._resume_state(meta)
+
+    def _resume_state(self, meta: dict | None) -> dict:
+        """Where to start: an interrupted preparation's progress, a finished one's end (to extend
+        it), or the beginning, with the vocabulary learnt first."""
+        progress = self.out / "progress.json"
+        if progress.exists():
+            state = json.loads(progress.read_text())
+            if same_data(state["made_from"], self.record):
+                log.info(f"continuing the preparation of {self.out} from batch {state['batches']:,}")
+                return state
+            log.warning(f"{self.out} holds an unfinished preparation of other data: starting afresh")
+            shutil.rmtree(self.out)
+        if meta is not None:
+            log.info(f"extending {self.out}: data.max_tokens was {meta['made_from']['max_tokens']:,}")
+            return meta["progress"] | {"vocabulary": definition(meta), "made_from": self.record}
+        n_text_chars = text_chars(self.data)
+        state = {"vocabulary": self._learn_vocabulary(n_text_chars), "n_text_chars": n_text_chars, "position": None,
+                 "batches": 0, "splits": {s: {"shards": [], "tokens": 0, "open": None} for s in SPLITS},
+                 "made_from": self.record}
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(progress, state)  # from here on, the folder is a preparation to continue
+        return state
+
+    def _learn_vocabulary(self, n_text_chars: int) -> dict:
+        data = self.data
+        if data.tokenizer == "char":
+            alphabet = set()
+            for piece in Source(data, n_text_chars).pieces():
+                alphabet.update(piece.text)
+            return {"tokenizer": "char", "chars": "".join(sorted(alphabet))}
+        if data.tokenizer == "bpe":
+            return train_bpe(train_text(Source(data, n_text_chars).pieces(), data.bpe_train_chars), data.bpe_vocab_size)
+        try:
+            tiktoken_encoding(data.tokenizer)
+        except ValueError as e:
+            raise UserError(f"data.tokenizer={data.tokenizer!r}: {e}") from None
+        except Exception as e:  # network failure on first use
+            raise UserError(f"could not load the tiktoken encoding {data.tokenizer!r} ({type(e).__name__}): it downloads "
+                            "on first use; offline, point TIKTOKEN_CACHE_DIR at a folder holding its files") from None
+        return {"tokenizer": data.tokenizer}
+
+    def run(self) -> None:
+        state, data = self.state, self.data
+        vocabulary = state["vocabulary"]
+        self.tokenizer = tokenizer_from_meta(vocabulary)
+        self.fingerprint = fingerprint(vocabulary)
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        self.splits = {s: Split(s, list(v["shards"]), v["tokens"], dtype) for s, v in state["splits"].items()}
+        for s, v in state["splits"].items():  # the open shard, as the last checkpoint left it
+            if v["open"]:
+                tokens, starts = read_shard(self.out / v["open"])
+                self.splits[s].add(np.array(tokens), False)
+                self.splits[s].doc_starts = starts.tolist()
+        source = Source(data, state["n_text_chars"])
+        batches = self._batches(source, state["position"])
+        exhausted = True
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="encode") as pool:
+            # a few batches in flight, taken in order: memory stays bounded, the output does not
+            # depend on how many threads encode
+            flight = deque()
+            for batch, position in batches:
+                flight.append((pool.submit(self.tokenizer.encode_pieces, [p.text for p in batch], [p.document for p in batch]),
+                               batch, position))
+                if len(flight) > 2 * self.workers:
+                    if not self._take(*flight.popleft()):
+                        exhausted = False
+                        break
+            while flight and exhausted:
+                exhausted = self._take(*flight.popleft())
+            for future, _, _ in flight:
+                future.cancel()
+        self._finish(exhausted)
+
+    def _batches(self, source: Source, position: dict | None) -> Iterator[tuple[list, dict]]:
+        pieces = source.pieces(position)
+        while batch := list(islice(pieces, BATCH_PIECES)):
+            yield batch, source.position()
+
+    def _take(self, future, batch, position) -> bool:
+        """Add an encoded batch to its splits' shards; False once data.max_tokens is reached."""
+        completed = False
+        for piece, ids in zip(batch, future.result()):
+            split = self.splits[piece.split]
+            split.add(ids, piece.document)
+            while split.open_tokens >= self.data.shard_tokens:
+                self._write_shard(split, self.data.shard_tokens)
+                completed = True
+        self.state["position"], self.state["batches"] = position, self.state["batches"] + 1
+        if completed:
+            self._checkpoint()
+        budget = self.data.max_tokens
+        return budget is None or sum(s.tokens for s in self.splits.values()) < budget
+
+    def _write_shard(self, split: Split, n: int) -> str:
+        name = f"{split.name}_{len(split.shards):06d}.bin"
+        write_shard(self.out / name, *split.take(n), self.fingerprint)
+        split.shards.append(name)
+        return name
+
+    def _checkpoint(self) -> None:
+        """Record the open shards (as .partial files named by the batch count) and the position."""
+        k = self.state["batches"]
+        for name, split in self.splits.items():
+            open_file = None
+            if split.open_tokens:
+                open_file = f"{name}.partial-{k}"
+                tokens = np.concatenate(split.pending)
+                write_shard(self.out / open_file, tokens, np.array(split.doc_starts, dtype=np.int64), self.fingerprint)
+            self.state["splits"][name] = {"shards": list(split.shards), "tokens": split.tokens - split.open_tokens,
+                                          "open": open_file}
+        write_json(self.out / "progress.json", self.state)
+        for f in self.out.glob("*.partial-*"):
+            if not f.name.endswith(f"-{k}"):
+                f.unlink()
+
+    def _finish(self, exhausted: bool) -> None:
+        for split in self.splits.values():
+            if split.open_tokens:
+                self._write_shard(split, split.open_tokens)
+            if not split.shards:
+                raise UserError(f"the {split.name} split of {self.data.source or self.data.hf_dataset} is empty: "
+                                "add data, or change data.val_fraction")
+        rows, expected = (self.state["position"] or {}).get("rows", 0), self.data.expected_documents
+        if exhausted and expected is not None and rows != expected:
+            log.warning(f"{self.data.hf_dataset or self.data.source} holds {rows:,} documents; the full set has "
+                        f"{expected:,}: this copy is partial")
+        split_meta = {s: {"shards": sp.shards, "tokens": sp.tokens} for s, sp in self.splits.items()}
+        # extending starts again from the last shards, which the budget may have cut short
+        progress = self.state | {"splits": {s: {"shards": sp.shards[:-1], "tokens": sp.tokens - self._last(sp),
+                                                "open": sp.shards[-1]} for s, sp in self.splits.items()}}
+        del progress["vocabulary"], progress["made_from"]
+        meta = self.state["vocabulary"] | {
+            "layout": LAYOUT, "vocab_size": self.tokenizer.vocab_size, "dtype": token_dtype(self.tokenizer.vocab_size).name,
+            "train_tokens": self.splits["train"].tokens, "val_tokens": self.splits["val"].tokens,
+            "splits": split_meta, "rows": rows, "exhausted": exhausted, "made_from": self.record, "progress": progress,
+        }
+        write_json(self.out / "meta.json", meta)
+        (self.out / "progress.json").unlink(missing_ok=True)
+        for f in self.out.glob("*.partial-*"):
+            f.unlink()
+
+    def _last(self, split: Split) -> int:
+        return read_shard(self.out / split.shards[-1])[0].size
+
+
+def train_text(pieces: Iterator, limit: int) -> Iterator[str]:
+    """The train pieces' text, up to about limit characters."""
+    seen = 0
+    for piece in pieces:
+        if piece.split == "train":
+            yield piece.text
+            seen += len(piece.text)
+            if seen >= limit:
+                return
+
+
+def write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def settings(data: DataConfig) -> dict:
+    """The settings a prepared folder depends on, besides its source files."""
+    keys = ["tokenizer", "val_fraction", "max_tokens", "shard_tokens", "text_column"]
+    keys += ["bpe_vocab_size", "bpe_train_chars"] if data.tokenizer == "bpe" else []
+    keys += ["hf_dataset", "hf_name", "hf_revision", "data_files"] if data.hf_dataset else []
+    return {k: list(v) if k == "data_files" else v for k in keys for v in [getattr(data, k)]}
 
 
 def made_from(data: DataConfig) -> dict:
     """What a folder prepared with these settings is made from."""
-    record = {"tokenizer": data.tokenizer, "val_fraction": data.val_fraction, "hf_dataset": data.hf_dataset}
-    if not data.hf_dataset:
-        record["sources"] = [
-            {"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256(f)}
-            for f in source_files(data.source)
-        ]
-    return record
+    if data.hf_dataset:
+        return settings(data)
+    sources = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256(f)}
+               for f in source_files(data.source)]
+    return settings(data) | {"sources": sources}
+
+
+def same_data(then: dict, now: dict) -> bool:
+    """Records that differ at most in the budget (a preparation stopped short of it continues)."""
+    return {k: v for k, v in then.items() if k != "max_tokens"} == {k: v for k, v in now.items() if k != "max_tokens"}
 
 
 def stale(meta: dict, data: DataConfig) -> str | None:
-    """Why a prepared folder does not hold what these settings would make, or None. A source
-    counts as the same when its path, size and modification time are, or its contents."""
-    record = meta.get("made_from")
-    if record is None:  # prepared before folders kept a record: it can only be trusted
+    """Why a prepared folder does not hold what these settings would make ("extend": only the
+    budget grew), or None. A source counts as the same when its path, size and modification time
+    are, or its contents."""
+    if meta.get("layout") != LAYOUT:
+        return "it was prepared by an older version, as one train.bin"
+    record = meta["made_from"]
+    for key, now in settings(data).items():
+        if key != "max_tokens" and record.get(key) != now:
+            return f"data.{key} was {record.get(key)!r}, now {now!r}"
+    if not data.hf_dataset:
+        why = changed_sources(record.get("sources", []), source_files(data.source))
+        if why:
+            return why
+    then, now, total = record["max_tokens"], data.max_tokens, meta["train_tokens"] + meta["val_tokens"]
+    if then == now or (meta["exhausted"] and (now is None or now >= total)):
         return None
-    for key in ("tokenizer", "val_fraction", "hf_dataset"):
-        if record[key] != getattr(data, key):
-            return f"data.{key} was {record[key]!r}, now {getattr(data, key)!r}"
-    if data.hf_dataset:
-        return None
-    files, sources = source_files(data.source), record["sources"]
+    if now is None or (then is not None and now > then):
+        return "extend"
+    return f"data.max_tokens was {then}, now {now}"
+
+
+def changed_sources(sources: list[dict], files: list[Path]) -> str | None:
     if len(files) != len(sources):
         return f"{len(sources)} source files then, {len(files)} now"
     for f, then in zip(files, sources):
@@ -126,163 +354,6 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def remove_dead_leftovers(out: Path) -> None:
-    """Temporary folders of preparations of `out` whose process died on this host. A living one's
-    are never touched: it may be preparing right now."""
-    prefix = f".{out.name}."
-    for p in out.parent.glob(f"{prefix}*-{socket.gethostname()}-*") if out.parent.exists() else ():
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def source_files(sources: list[str]) -> list[Path]:
-    """The text files data.source names (folders: every file below, in order); anything that is
-    not text is refused, never read as characters."""
-    if not sources:
-        raise UserError("data.source is empty: name text files or folders, e.g. data.source=[notes/,book.txt]")
-    files = []
-    for s in sources:
-        p = Path(s).expanduser()
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"data.source: {s} does not exist")
-    if not files:
-        raise UserError(f"data.source {sources} holds no files")
-    for f in files:
-        kind = not_text(f)
-        if kind:
-            raise UserError(f"data.source: {f} is {kind}, not text: name text files (other formats have no reader yet)")
-    return files
-
-
-def not_text(path: Path) -> str | None:
-    """What a file is when it is not text, from its first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(8192)
-    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)), None)
-    return kind or ("binary (it holds NUL bytes)" if b"\0" in head else None)
-
-
-def read_chunks(files: list[Path]) -> Iterator[str]:
-    """The files' text, in chunks of about CHUNK_CHARS that end at a line break."""
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            while chunk := f.read(CHUNK_CHARS):
-                yield chunk + f.readline()
-
-
-def split_chunks(files: list[Path], n_train: int) -> Iterator[tuple[str, str]]:
-    """(split, text) pieces: the first n_train characters are train, the rest val."""
-    seen = 0
-    for chunk in read_chunks(files):
-        if seen + len(chunk) <= n_train:
-            yield "train", chunk
-        elif seen >= n_train:
-            yield "val", chunk
-        else:
-            yield "train", chunk[: n_train - seen]
-            yield "val", chunk[n_train - seen :]
-        seen += len(chunk)
-
-
-def _prepare_files(data: DataConfig, out: Path, num_threads: int) -> dict:
-    files = source_files(data.source)
-    # pass 1: count characters (for the split) and, for char tokenizers, the alphabet
-    n_chars, alphabet = 0, set()
-    for chunk in read_chunks(files):
-        n_chars += len(chunk)
-        if data.tokenizer == "char":
-            alphabet.update(chunk)
-    if n_chars == 0:
-        raise UserError(f"data.source {data.source} is empty")
-    n_train = int(n_chars * (1 - data.val_fraction))
-
-    if data.tokenizer == "char":
-        tok = CharTokenizer("".join(sorted(alphabet)))
-        meta = {"tokenizer": "char", "chars": tok.chars}
-        encode_batch = lambda texts: [tok.encode_array(t) for t in texts]  # noqa: E731
-    else:
-        tok = _tiktoken(data.tokenizer)
-        meta = {"tokenizer": data.tokenizer}
-        encode_batch = lambda texts: tok.enc.encode_ordinary_batch(texts, num_threads=num_threads)  # noqa: E731
-    dtype = token_dtype(tok.vocab_size)
-
-    # pass 2: encode batches of chunks (one per thread and then some) and append to the split's file
-    counts = {"train": 0, "val": 0}
-    with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        sinks = {"train": f_train, "val": f_val}
-        pending: list[tuple[str, str]] = []
-
-        def flush():
-            for (split, _), ids in zip(pending, encode_batch([t for _, t in pending])):
-                np.asarray(ids, dtype=dtype).tofile(sinks[split])
-                counts[split] += len(ids)
-            pending.clear()
-
-        for piece in split_chunks(files, n_train):
-            pending.append(piece)
-            if len(pending) >= 4 * num_threads:
-                flush()
-        flush()
-    return meta | {
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "source": [str(f) for f in files],
-    }
-
-
-def _tiktoken(encoding: str) -> TiktokenTokenizer:
-    try:
-        return TiktokenTokenizer(encoding)
-    except ValueError as e:
-        raise UserError(f"data.tokenizer={encoding!r}: {e}") from None
-    except Exception as e:  # network failure on first use
-        raise UserError(
-            f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}): it downloads on first use; "
-            "offline, point TIKTOKEN_CACHE_DIR at a folder holding its files"
-        ) from None
-
-
-def _prepare_hf(data: DataConfig, out: Path, num_threads: int) -> dict:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise UserError(f"data={data.name} needs Hugging Face datasets: pip install -e '.[hf]'") from None
-    tok = _tiktoken(data.tokenizer)
-    try:
-        ds = load_dataset(data.hf_dataset, num_proc=num_threads)["train"]
-    except Exception as e:
-        raise UserError(
-            f"could not load the Hugging Face dataset {data.hf_dataset!r} ({type(e).__name__}: {e}); "
-            "its first download needs the network"
-        ) from None
-    splits = ds.train_test_split(test_size=data.val_fraction, seed=2357, shuffle=True)
-    dtype, counts = token_dtype(tok.vocab_size), {}
-    for split, part in (("train", splits["train"]), ("val", splits["test"])):
-        counts[split] = 0
-        with open(out / f"{split}.bin", "wb") as f:
-            for batch in part.iter(batch_size=1024):
-                # each document ends with <|endoftext|>, as nanoGPT's openwebtext/prepare.py
-                for ids in tok.enc.encode_ordinary_batch(batch["text"], num_threads=num_threads):
-                    ids.append(tok.eot_token)
-                    np.asarray(ids, dtype=dtype).tofile(f)
-                    counts[split] += len(ids)
-    return {
-        "tokenizer": data.tokenizer,
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "source": [f"hf:{data.hf_dataset}"],
-    }
 
 
 def load_meta(path: Path) -> dict:
@@ -311,7 +382,9 @@ def main() -> None:
         data = to_train_config(cfg).data
         path = prepare(data)
         meta = load_meta(path)
-        print(f"{path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, vocabulary {meta['vocab_size']:,}")
+        shards = sum(len(s["shards"]) for s in meta["splits"].values())
+        print(f"{path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in {shards} shards, "
+              f"vocabulary {meta['vocab_size']:,}")
 
     run_cli(_main)
 

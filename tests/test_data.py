@@ -13,9 +13,15 @@ from nanogpt.config import DataConfig
 from nanogpt.errors import UserError
 from nanogpt.data import BatchLoader
 from nanogpt.prepare import prepare
+from nanogpt.shards import read_shard
 from nanogpt.tokenizer import tokenizer_from_meta
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 50
+
+
+def split_tokens(path, split: str) -> np.ndarray:
+    meta = json.loads((path / "meta.json").read_text())
+    return np.concatenate([read_shard(path / f)[0] for f in meta["splits"][split]["shards"]])
 
 
 def prepared(tmp_path, tokenizer: str, text: str = TEXT):
@@ -29,12 +35,12 @@ def test_prepare_round_trip(tmp_path, tokenizer):
     path = prepared(tmp_path, tokenizer)
     meta = json.loads((path / "meta.json").read_text())
     tok = tokenizer_from_meta(meta)
-    train = np.memmap(path / "train.bin", dtype=meta["dtype"], mode="r")
-    val = np.memmap(path / "val.bin", dtype=meta["dtype"], mode="r")
+    train, val = split_tokens(path, "train"), split_tokens(path, "val")
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
-    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == TEXT
+    eot = "<|endoftext|>" if tokenizer == "gpt2" else ""  # marks the start of each document (a file)
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == eot + TEXT
     n_train_chars = int(len(TEXT) * 0.9)  # the split is by characters, as nanoGPT's
-    assert tok.decode(train.tolist()) == TEXT[:n_train_chars]
+    assert tok.decode(train.tolist()) == eot + TEXT[:n_train_chars]
     if tokenizer == "char":
         assert meta["vocab_size"] == len(set(TEXT)) and meta["dtype"] == "uint16"
     else:
@@ -53,7 +59,7 @@ def test_prepare_errors_are_clear(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="empty"):
         prepare(DataConfig(name="y", root=str(tmp_path), source=[str(tmp_path / "empty.txt")]))
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written folders
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no half-written folders
 
 
 def loader(path, **kw) -> BatchLoader:

@@ -213,7 +213,7 @@ def test_invalid_input_is_one_clear_line(tmp_path, data_root, overrides, message
     proc = run(train_cmd(data_root, tmp_path / "run", *overrides), tmp_path)
     assert_clean_failure(proc, message)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
-    assert not list(Path(data_root).glob(".*tmp*"))  # no half-prepared data folder
+    assert not [p for p in Path(data_root).iterdir() if not (p / "meta.json").exists() and p.is_dir()]  # no half-prepared data
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
@@ -226,7 +226,7 @@ def test_a_data_folder_without_its_vocabulary_is_refused(tmp_path):
     (tmp_path / "data" / "mine").mkdir(parents=True)
     (tmp_path / "data" / "mine" / "train.bin").write_bytes(b"")  # not ours to overwrite: an empty folder would be prepared
     proc = run(train_cmd(tmp_path / "data", tmp_path / "run", "data.name=mine"), tmp_path)
-    assert_clean_failure(proc, "has no meta.json")
+    assert_clean_failure(proc, "holds no prepared data")
 
 
 def test_a_data_vocabulary_unlike_the_checkpoints_is_refused(tmp_path, data_root):
