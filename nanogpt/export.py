@@ -2,8 +2,9 @@
 
     python -m nanogpt.export <run folder | checkpoint> <out folder>
 
-Writes config.json, model.safetensors and, when the run used the GPT-2 BPE, GPT-2's own tokenizer
-files (vocab.json, merges.txt). The run's best.pt is taken when there is one, else ckpt.pt.
+Writes config.json, model.safetensors and the run's tokenizer: GPT-2's own files (vocab.json,
+merges.txt) for the GPT-2 BPE, a tokenizer.json for a BPE trained on the data (data.tokenizer=bpe),
+both read by `AutoTokenizer` with the ids the run used; a character vocabulary has none. The run's best.pt is taken when there is one, else ckpt.pt.
 A run without biases exports zero biases (Hugging Face's GPT-2 always has them); settings GPT-2
 cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refused.
 """
@@ -11,6 +12,7 @@ cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refu
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from nanogpt.checkpoint import checkpoint_model
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
 from nanogpt.pretrained import HF_ACTIVATION, HF_EXTRA, conv1d_weights, not_in_gpt2
+from nanogpt.tokenizer import EOT
 # tiktoken's gpt2 encoding is built from OpenAI's original GPT-2 files, which are exactly
 # Hugging Face's vocab.json and merges.txt; tiktoken caches them (TIKTOKEN_CACHE_DIR) by URL
 GPT2_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -27,10 +30,10 @@ GPT2_FILES = {  # file name here: (file name there, its sha256 as tiktoken check
     "vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
     "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
-EOT = 50256  # <|endoftext|>
+GPT2_EOT = 50256  # <|endoftext|>
 
 
-def hf_config(model: GPT, gpt2_bpe: bool) -> dict:
+def hf_config(model: GPT, eot: int | None) -> dict:
     c = model.config
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -50,8 +53,8 @@ def hf_config(model: GPT, gpt2_bpe: bool) -> dict:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": EOT if gpt2_bpe else None,
-        "eos_token_id": EOT if gpt2_bpe else None,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
     }
 
 
@@ -91,6 +94,23 @@ def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
     return files
 
 
+def trained_tokenizer_files(meta: dict, block_size: int) -> dict[str, bytes]:
+    """A BPE trained on the data (tiktoken ranks) as a Hugging Face fast tokenizer, converted by
+    transformers' own tiktoken converter."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise UserError(f"exporting a trained tokenizer needs transformers: {HF_EXTRA}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = Path(tmp) / "ranks.tiktoken"
+        ranks.write_text(meta["ranks"])
+        converted = TikTokenConverter(vocab_file=str(ranks), pattern=meta["pattern"], extra_special_tokens=[EOT]).converted()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=EOT, eos_token=EOT, model_max_length=block_size)
+        tokenizer.save_pretrained(Path(tmp) / "out")
+        return {f.name: f.read_bytes() for f in (Path(tmp) / "out").iterdir()}
+
+
 def export(run: Path, out: Path) -> list[str]:
     """Write the run's model into out as a Hugging Face GPT-2 folder; return the files written."""
     model, meta = checkpoint_model(Path(run))
@@ -102,10 +122,13 @@ def export(run: Path, out: Path) -> list[str]:
     except ImportError:
         raise UserError(f"export needs safetensors: {HF_EXTRA}") from None
 
-    gpt2_bpe = (meta or {}).get("tokenizer") == "gpt2"
-    files = {"config.json": (json.dumps(hf_config(model, gpt2_bpe), indent=2) + "\n").encode()}
-    if gpt2_bpe:
+    tokenizer = (meta or {}).get("tokenizer")
+    eot = GPT2_EOT if tokenizer == "gpt2" else meta["vocab_size"] - 1 if tokenizer == "bpe" else None
+    files = {"config.json": (json.dumps(hf_config(model, eot), indent=2) + "\n").encode()}
+    if tokenizer == "gpt2":
         files |= gpt2_tokenizer_files(model.config.block_size)  # before writing anything: it may fail offline
+    elif tokenizer == "bpe":
+        files |= trained_tokenizer_files(meta, model.config.block_size)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
@@ -125,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {', '.join(written)} to {args.out}")
-    if "vocab.json" not in written:
-        print("no tokenizer files: the run's vocabulary is not the GPT-2 BPE")
+    if "vocab.json" not in written and "tokenizer.json" not in written:
+        print("no tokenizer files: the run's vocabulary is characters")
 
 
 if __name__ == "__main__":

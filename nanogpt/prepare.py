@@ -62,6 +62,7 @@ def prepare(data: DataConfig) -> Path:
         if meta is not None:
             why = stale(meta, data)
             if why is None:
+                _remove_progress(out)  # a preparation killed after writing meta.json leaves some
                 return out
             if why != "extend":
                 if not data.reprepare:
@@ -70,7 +71,7 @@ def prepare(data: DataConfig) -> Path:
                 log.warning(f"preparing {out} again: {why}")
                 _remove(out)
                 meta = None
-        elif out.exists() and any(out.iterdir()) and not (out / "progress.json").exists():
+        elif not (out / "progress.json").exists() and any(not f.name.endswith(".tmp") for f in _files(out)):
             raise UserError(f"data folder {out} exists but holds no prepared data: remove it or point data.root elsewhere")
         try:
             Preparation(data, out, meta).run()
@@ -79,6 +80,15 @@ def prepare(data: DataConfig) -> Path:
                 _remove(out)
             raise
     return out
+
+
+def _remove_progress(out: Path) -> None:
+    for f in [out / "progress.json", *out.glob("*.partial-*")]:
+        f.unlink(missing_ok=True)
+
+
+def _files(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
 
 
 @contextmanager
@@ -268,9 +278,7 @@ class Preparation:
             "splits": split_meta, "rows": rows, "exhausted": exhausted, "made_from": self.record, "progress": progress,
         }
         write_json(self.out / "meta.json", meta)
-        (self.out / "progress.json").unlink(missing_ok=True)
-        for f in self.out.glob("*.partial-*"):
-            f.unlink()
+        _remove_progress(self.out)
 
     def _last(self, split: Split) -> int:
         return read_shard(self.out / split.shards[-1])[0].size

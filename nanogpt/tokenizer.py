@@ -8,12 +8,15 @@ run's tokenizer travels with its weights.
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
 
 EOT = "<|endoftext|>"
+
+log = logging.getLogger("nanogpt")
 
 
 class Tokenizer(Protocol):
@@ -102,6 +105,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict:
     trainer.train_from_iterator(iter(texts), vocab_size - 1)
     ranks = sorted(((bytes(token), rank) for token, rank in trainer.get_mergeable_ranks()), key=lambda t: t[1])
     # tiktoken's own file format for ranks: one "base64(token) rank" a line
+    if len(ranks) < vocab_size - 1:
+        log.warning(f"the text holds no more pairs to merge: a vocabulary of {len(ranks) + 1} tokens, not {vocab_size}")
     lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks)
     return {"tokenizer": "bpe", "pattern": trainer.get_pattern(), "ranks": lines}
 
