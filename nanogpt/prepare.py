@@ -252,6 +252,8 @@ class Preparation:
             self.state["splits"][name] = {"shards": list(split.shards), "tokens": split.tokens - split.open_tokens,
                                           "open": open_file}
         write_json(self.out / "progress.json", self.state)
+        log.info(f"{self.out}: {sum(s.tokens for s in self.splits.values()):,} tokens, "
+                 f"{sum(len(s.shards) for s in self.splits.values())} shards")
         for f in self.out.glob("*.partial-*"):
             if not f.name.endswith(f"-{k}"):
                 f.unlink()

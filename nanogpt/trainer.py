@@ -29,6 +29,7 @@ from nanogpt.flops import peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
 from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status, writer_lock
+from nanogpt.tokenizer import definition
 from nanogpt.tracking import Recorder, start_trackers
 
 log = logging.getLogger("nanogpt")
@@ -258,7 +259,7 @@ def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
         model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
     else:
         model, trained_on = load_model(config.init_from, config.model)
-    if trained_on and {k: trained_on.get(k) for k in ("tokenizer", "chars")} != {k: meta.get(k) for k in ("tokenizer", "chars")}:
+    if trained_on and definition(trained_on) != definition(meta):
         raise UserError(
             f"the data folder {config.data.root}/{config.data.name} has a different vocabulary ({meta['tokenizer']}) "
             f"from {source} ({trained_on.get('tokenizer')}): train on the same data"

@@ -61,14 +61,15 @@ def assert_clean_failure(proc, message):
 
 # -- exact resume ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prefetch,compile,parallel_dropout",
-                         [(True, False, False), (False, False, False), (True, True, False), (True, False, True), (True, True, True)])
-def test_kill_9_then_resume_is_bit_identical(tmp_path, data_root, prefetch, compile, parallel_dropout):
+@pytest.mark.parametrize("prefetch,compile,parallel_dropout,order",
+                         [(True, False, False, "random"), (False, False, False, "random"), (True, True, False, "random"),
+                          (True, False, True, "random"), (True, True, True, "random"), (True, False, False, "epoch")])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, data_root, prefetch, compile, parallel_dropout, order):
     """Compiled CPU kernels accumulate some gradients with atomic adds, whose order varies from
     process to process; system.deterministic makes them deterministic."""
     args = ["max_iters=40", "eval_interval=5", "log_interval=1", "model.dropout=0.1",
             f"data.prefetch={prefetch}", f"system.compile={compile}", f"system.deterministic={compile}",
-            f"system.parallel_dropout={parallel_dropout}"]
+            f"system.parallel_dropout={parallel_dropout}", f"data.order={order}"]
     straight = run(train_cmd(data_root, tmp_path / "straight", *args), tmp_path)
     assert straight.returncode == 0, straight.stderr
 
