@@ -66,21 +66,21 @@ class TokenStream:
     def __init__(self, files: list[Path], fingerprint: bytes):
         if not files:
             raise UserError("a split has no shards: prepare the data again (data.reprepare=true)")
-        self.files = files
-        counts = []
+        self.files, self.headers = files, []
         for f in files:
             if not f.exists():
                 raise UserError(f"{f} is missing: prepare the data again (data.reprepare=true)")
-            _, n, _, fp = read_header(f)
-            if fp != fingerprint:
+            self.headers.append(read_header(f))
+            if self.headers[-1][3] != fingerprint:
                 raise UserError(f"{f} was encoded with another tokenizer than its folder's meta.json says")
-            counts.append(n)
-        self.bounds = np.concatenate([[0], np.cumsum(counts)])  # shard k holds tokens bounds[k]:bounds[k+1]
+        # shard k holds tokens bounds[k]:bounds[k+1] of the stream
+        self.bounds = np.concatenate([[0], np.cumsum([h[1] for h in self.headers])])
         self.size = int(self.bounds[-1])
 
     def _tokens(self, k: int) -> np.ndarray:
         # mapped afresh for each batch, as nanoGPT does: a long-lived memmap's pages count as leaked memory
-        return read_shard(self.files[k])[0]
+        dtype, n_tokens, _, _ = self.headers[k]
+        return np.memmap(self.files[k], dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
     def document_starts(self) -> np.ndarray:
         """Every document's first token (an <|endoftext|> where the tokenizer has one), in stream positions."""
