@@ -152,7 +152,10 @@ class Preparation:
                 log.info(f"continuing the preparation of {self.out} from batch {state['batches']:,}")
                 return state
             log.warning(f"{self.out} holds an unfinished preparation of other data: starting afresh")
-            shutil.rmtree(self.out)
+            if meta is None:
+                shutil.rmtree(self.out)
+            else:  # a finished folder under an unfinished extension: keep what is finished
+                _remove_progress(self.out)
         if meta is not None:
             log.info(f"extending {self.out}: data.max_tokens was {meta['made_from']['max_tokens']:,}")
             return meta["progress"] | {"vocabulary": definition(meta), "made_from": self.record}
