@@ -23,7 +23,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,24 +120,23 @@ class Waited:
         return item
 
 
-def set_up(config: BenchConfig) -> tuple[GPT, torch.dtype, TokenData, distributed.DistInfo]:
-    """The trainer's set-up of one process (device, precision, threads, seed) and its model."""
+def set_up(config: BenchConfig) -> tuple[Callable[[], GPT], torch.device, torch.dtype, TokenData, distributed.DistInfo]:
+    """The trainer's set-up of one process (device, precision, threads, seed); what builds its model."""
     dist = distributed.setup(config.system, resolve_device(config.system).type)
     device, dtype = set_up_rank(config.system, dist)
     data = build(config.data)
     if config.bench.data == "real":
         data.prepare()
     meta = data.meta if config.bench.data == "real" else {"vocab_size": config.model.vocab_size or GPT2_VOCAB}
-    return build_model(config, meta, saved=None).to(device), dtype, data, dist
+    return lambda: build_model(config, meta, saved=None), device, dtype, data, dist
 
 
 def bench(config: BenchConfig) -> dict:
     """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
     b = config.bench
     # 1) the trainer's set-up of one process, its model, optimizer and batches
-    model, dtype, data, dist = set_up(config)
-    device = model.lm_head.weight.device
-    training = build_training(config, model, device, dtype, dist)
+    build_model_, device, dtype, data, dist = set_up(config)
+    training = build_training(config, build_model_, device, dtype, dist)
     block_size = training.raw_model.config.block_size
     if b.data == "real":
         loader = data.loader(block_size=block_size, device=device, seed=config.system.seed, micro_steps=training.micro_steps)
@@ -242,9 +241,8 @@ def report(r: dict) -> str:
 def bench_sampling(config: BenchConfig) -> dict:
     """Prefill and decode speed of the sampling engine on a random prompt: one sample, then a batch."""
     b = config.bench
-    raw_model, dtype, _, _ = set_up(config)
-    raw_model.eval()
-    device = raw_model.lm_head.weight.device
+    build_model_, device, dtype, _, _ = set_up(config)
+    raw_model = build_model_().to(device).eval()
     model = torch.compile(raw_model, dynamic=True) if use_compile(config.system, device) else raw_model
     g = torch.Generator().manual_seed(config.system.seed)
     prompt = torch.randint(raw_model.config.vocab_size, (b.prompt_tokens,), generator=g).tolist()

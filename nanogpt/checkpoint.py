@@ -9,17 +9,28 @@ kill or a full disk mid-save leaves the previous one intact.
 A run folder holds ckpt.pt, the latest state (what a resume continues), and best.pt, the weights
 of the best val loss when always_save_checkpoint=false. Weights taken from a run folder
 (`init_from`, sampling, export) come from best.pt when there is one, else ckpt.pt.
+
+A sharded run (system.parallelism=fsdp) saves Distributed Checkpoint folders instead, written by
+all ranks at once: ckpt/<iteration>/ holds each rank's shards and train_state.pt (everything but
+the model and optimizer tensors, written by rank 0 last), and the text files ckpt/latest and
+ckpt/best name the step folder to use; each is replaced in one rename once its folder is
+complete, so a kill mid-save leaves the previous checkpoint in use. DCP reshards on load: a run
+resumes at another world size, and one process reads the folder whole. Both formats keep the
+optimizers' state by parameter name (torch.distributed.checkpoint.state_dict's layout), so either
+resumes from the other; the run's newer one wins.
 """
 
 import dataclasses
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from nanogpt import distributed
 from nanogpt.errors import UserError
@@ -27,6 +38,9 @@ from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import GPT2_NAMES, load_pretrained
 
 LAST, BEST = "ckpt.pt", "best.pt"
+SHARDED = "ckpt"  # the folder of a sharded run's step folders and pointers
+POINTERS = {LAST: "latest", BEST: "best"}
+TRAIN_STATE = "train_state.pt"  # in a step folder: all but the sharded tensors
 
 
 @dataclass
@@ -42,38 +56,138 @@ class TrainState:
 
 class Checkpointer:
     """Saves and restores a run's full state in its folder. Every rank calls save (the RNG states
-    are gathered from all of them); rank 0 writes."""
+    are gathered from all of them); rank 0 writes, or, for a sharded model, every rank writes its
+    shards."""
 
-    def __init__(self, run_dir: Path, model: GPT, optimizers: list, scaler, dist: distributed.DistInfo, **extra):
+    def __init__(self, run_dir: Path, model: GPT, optimizers: list, scaler, dist: distributed.DistInfo,
+                 sharded: bool = False, **extra):
         self.run_dir, self.model, self.optimizers, self.scaler, self.dist = Path(run_dir), model, optimizers, scaler, dist
+        self.sharded = sharded
         self.extra = extra  # config, meta, provenance: written as they are
         if dist.is_main:  # a save killed midway left its temporary file; rank 0 holds the folder's lock: no one else writes
             for name in (LAST, BEST):
                 _temporary(self.run_dir / name).unlink(missing_ok=True)
+            remove_unused_steps(self.run_dir)
 
     def save(self, state: TrainState, name: str = LAST) -> None:
         rng = distributed.gather_objects(rng_state(), self.dist)  # a collective: every rank calls it
+        record = {
+            "scaler": self.scaler.state_dict(),
+            "model_args": dataclasses.asdict(self.model.config),
+            **dataclasses.asdict(dataclasses.replace(state, rng=rng)),
+            **self.extra,
+        }
+        if self.sharded:
+            self._save_sharded(record, state.iter_num, name)
+            return
+        optimizers = optimizer_state(self.model, self.optimizers, full=True)  # not a collective: the model is whole
         if self.dist.is_main:
-            full = {
-                "model": self.model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "scaler": self.scaler.state_dict(),
-                "model_args": dataclasses.asdict(self.model.config),
-                **dataclasses.asdict(dataclasses.replace(state, rng=rng)),
-                **self.extra,
-            }
-            save_checkpoint(full, self.run_dir / name)
+            save_checkpoint({"model": self.model.state_dict(), "optimizers": optimizers, **record}, self.run_dir / name)
+            shutil.rmtree(self.run_dir / SHARDED, ignore_errors=True)  # the single file is newer
+
+    def _save_sharded(self, record: dict, iter_num: int, name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        step = self.run_dir / SHARDED / f"{iter_num:08d}"
+        if not (step / TRAIN_STATE).exists():  # best.pt of the iteration just saved: the same folder
+            tensors = {"model": get_model_state_dict(self.model), "optimizers": optimizer_state(self.model, self.optimizers)}
+            dcp.save(tensors, checkpoint_id=step)
+            if self.dist.is_main:
+                save_checkpoint(record, step / TRAIN_STATE)
+        if self.dist.is_main:
+            write_pointer(self.run_dir / SHARDED / POINTERS[name], step.name)
+            for old in (LAST, BEST):  # the sharded checkpoint is newer
+                (self.run_dir / old).unlink(missing_ok=True)
+            remove_unused_steps(self.run_dir)
 
     def restore(self, saved: dict) -> TrainState:
         """Optimizers, loss scaler and this rank's RNGs from a checkpoint of this run (the model
-        was built from it); the TrainState to continue from."""
-        for opt, opt_state in zip(self.optimizers, saved["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
+        was built from it; a sharded checkpoint's tensors are read into it here); the TrainState
+        to continue from."""
+        if "sharded_from" in saved:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+            tensors = {"model": get_model_state_dict(self.model), "optimizers": optimizer_state(self.model, self.optimizers)}
+            dcp.load(tensors, checkpoint_id=saved["sharded_from"])
+            set_model_state_dict(self.model, tensors["model"])
+            set_optimizer_state(self.model, self.optimizers, tensors["optimizers"])
+        else:
+            set_optimizer_state(self.model, self.optimizers, saved["optimizers"], full=True, from_rank0=self.sharded,
+                                is_main=self.dist.is_main)
         self.scaler.load_state_dict(saved["scaler"])
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
-        if self.dist.rank < len(state.rng):
+        if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
         return state
+
+
+def optimizer_state(model: nn.Module, optimizers: list, full: bool = False) -> dict:
+    """The optimizers' state keyed by parameter name, as one dict (whole tensors if full)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+
+
+def set_optimizer_state(model: nn.Module, optimizers: list, saved, full: bool = False, from_rank0: bool = False,
+                        is_main: bool = True) -> None:
+    """Load optimizer state saved by optimizer_state, or (a list) by optimizer.state_dict() before
+    checkpoints kept parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if isinstance(saved, list):
+        saved = by_name(model, optimizers, saved)
+    if from_rank0 and not is_main:
+        saved = {}  # only rank 0 reads the whole state; it is broadcast
+    set_optimizer_state_dict(model, optimizers, saved,
+                             options=StateDictOptions(full_state_dict=full, broadcast_from_rank0=from_rank0))
+
+
+def by_name(model: nn.Module, optimizers: list, states: list[dict]) -> dict:
+    """optimizer.state_dict()s (parameters numbered in each optimizer's order) keyed by name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state, groups = {}, []
+    for opt, saved in zip(optimizers, states, strict=True):
+        params = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        state |= {params[i]: s for i, s in saved["state"].items()}
+        groups += [{**g, "params": [params[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def write_pointer(path: Path, target: str) -> None:
+    tmp = _temporary(path)
+    tmp.write_text(target + "\n")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_pointer(path: Path) -> Path | None:
+    """The step folder a pointer file names, if both exist."""
+    if not path.is_file():
+        return None
+    step = path.parent / path.read_text().strip()
+    return step if (step / TRAIN_STATE).is_file() else None
+
+
+def remove_unused_steps(run_dir: Path) -> None:
+    """Step folders no pointer names: older checkpoints, and saves a kill cut short."""
+    folder = Path(run_dir) / SHARDED
+    if not folder.is_dir():
+        return
+    used = {read_pointer(folder / p) for p in POINTERS.values()}
+    for step in folder.iterdir():
+        if step.is_dir() and step not in used:
+            shutil.rmtree(step, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path, name: str = LAST) -> Path | None:
+    """A run's newest checkpoint of a kind (LAST or BEST): its .pt file or its step folder."""
+    file = Path(run_dir) / name
+    step = read_pointer(Path(run_dir) / SHARDED / POINTERS[name])
+    found = [p for p in (file if file.is_file() else None, step) if p is not None]
+    # both exist only after a kill between writing one format and removing the other
+    return max(found, key=lambda p: (p / TRAIN_STATE if p.is_dir() else p).stat().st_mtime, default=None)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -85,15 +199,20 @@ def save_checkpoint(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise UserError(f"could not save checkpoint {path} ({reason}): is the disk full? The previous checkpoint is intact") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _temporary(path: Path) -> Path:
@@ -107,7 +226,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        # memory-mapped: a rank that never reads the weights (FSDP takes rank 0's) never holds them
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError for foreign objects; RuntimeError/EOFError for damage
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -120,22 +240,30 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def resume_state(run_dir: Path, init_from: str) -> dict | None:
     """This run's own latest checkpoint, if any: it wins over init_from, which is how a requeued
-    job resumes by itself."""
-    path = Path(run_dir) / LAST
-    if path.exists():
-        return load_checkpoint(path)
+    job resumes by itself. A sharded one gives its train_state.pt and, under "sharded_from", the
+    step folder its tensors are read from once the model is built (Checkpointer.restore)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        return read_checkpoint(latest)
     if init_from == "resume":
         raise UserError(f"init_from=resume but there is no checkpoint in {run_dir}: resume with python train.py resume=<run folder>")
     return None
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file, or a step folder's train_state.pt and where its tensors are."""
+    if path.is_dir():
+        return load_checkpoint(path / TRAIN_STATE) | {"sharded_from": str(path)}
+    return load_checkpoint(path)
+
+
 def weights_file(path: Path) -> Path | None:
-    """The checkpoint a path names: a file as it is; a run folder's best.pt, else its ckpt.pt;
-    None for a folder without either."""
+    """The checkpoint a path names: a file as it is; a run folder's best checkpoint, else its
+    latest (a .pt file or a sharded step folder); None for a folder without either."""
     path = Path(path).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() or (path / TRAIN_STATE).is_file():
         return path
-    return next((path / name for name in (BEST, LAST) if (path / name).exists()), None)
+    return latest_checkpoint(path, BEST) or latest_checkpoint(path, LAST)
 
 
 def checkpoint_model(path: Path) -> tuple[GPT, dict | None]:
@@ -143,8 +271,8 @@ def checkpoint_model(path: Path) -> tuple[GPT, dict | None]:
     file = weights_file(path)
     if file is None:
         raise UserError(f"no checkpoint in {path}")
-    state = load_checkpoint(file)
-    if "model_args" not in state or "model" not in state:
+    state = read_checkpoint(file)
+    if "model_args" not in state or not ("model" in state or "sharded_from" in state):
         raise UserError(f"{file} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
     return model_from_state(state), state.get("meta")
 
@@ -163,8 +291,16 @@ def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict |
 
 
 def model_from_state(state: dict) -> GPT:
+    """The whole model of a checkpoint; a sharded one's shards are read into it in this process."""
     model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(strip_prefixes(state["model"]))
+    if "sharded_from" in state:
+        import torch.distributed.checkpoint as dcp
+
+        weights = {"model": model.state_dict()}
+        dcp.load(weights, checkpoint_id=state["sharded_from"], no_dist=True)  # DCP reads the shards of every rank
+        model.load_state_dict(weights["model"])
+    else:
+        model.load_state_dict(strip_prefixes(state["model"]))
     return model
 
 
@@ -184,8 +320,9 @@ def strip_prefixes(state_dict: dict) -> dict:
 
 def find_newest_run(root: Path) -> Path | None:
     """The most recently written run folder below root that holds a checkpoint."""
-    found = [p for p in Path(root).glob(f"**/{LAST}")]
-    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
+    found = [*Path(root).glob(f"**/{LAST}"), *Path(root).glob(f"**/{SHARDED}/{POINTERS[LAST]}")]
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return None if newest is None else newest.parent if newest.name == LAST else newest.parent.parent
 
 
 def rng_state() -> dict:

@@ -26,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt.config import SystemConfig
 from nanogpt.device import use_compile
+from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import UserError
+from nanogpt.model import GPT
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,12 @@ def setup(system: SystemConfig, device_type: str) -> DistInfo:
     return info
 
 
-def parallelize(model: nn.Module, system: SystemConfig, device: torch.device, info: DistInfo) -> nn.Module:
-    """The one place that wraps a model for training: torch.compile, then DDP across ranks. The
+def parallelize(model: GPT, system: SystemConfig, device: torch.device, info: DistInfo) -> nn.Module:
+    """The one place that wraps a model for training, in torchtitan's order: activation
+    checkpointing, torch.compile, then DDP (or, for system.parallelism=fsdp, see shard()). The
     result runs forward and backward (and evaluation, as in nanoGPT); the model passed in stays
     the plain module that is saved, so checkpoints never carry _orig_mod. or module. prefixes."""
+    checkpoint_activations(model, system.activation_checkpointing)
     if use_compile(system, device):
         model = torch.compile(model)
     if info.enabled:
@@ -92,9 +96,67 @@ def parallelize(model: nn.Module, system: SystemConfig, device: torch.device, in
     return model
 
 
+def sharded(system: SystemConfig, info: DistInfo) -> bool:
+    """Whether the model is sharded over the ranks (FSDP2); one process holds it whole anyway."""
+    return system.parallelism == "fsdp" and info.enabled
+
+
+def shard(build: Callable[[], GPT], system: SystemConfig, device: torch.device, dtype: torch.dtype, info: DistInfo) -> GPT:
+    """A model built whole on rank 0 only (new, pretrained or from a checkpoint) and sharded over
+    the ranks with FSDP2, per block and at the root: every rank materialises its shards of a
+    meta-device copy, then takes rank 0's weights by broadcast, so the weights equal an unsharded
+    build of the same seed and no other rank ever holds the whole model. The returned module is
+    both what runs forward and backward and what is saved (its parameters are DTensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    whole, error = None, None
+    if info.is_main:
+        try:
+            whole = build()
+        except UserError as e:  # every rank stops with rank 0's message, none waits for it
+            error = str(e)
+    config, error = broadcast_object((whole.config if whole is not None else None, error), info)
+    if error:
+        raise UserError(error)
+    with torch.device("meta"):
+        model = GPT(config)
+    set_parallel_dropout(model, system.parallel_dropout)
+    checkpoint_activations(model, system.activation_checkpointing)
+    # on CUDA, parameters gathered in the autocast dtype and gradients reduced in fp32
+    low = dtype if device.type == "cuda" and dtype != torch.float32 else None
+    options = dict(mesh=init_device_mesh(device.type, (info.world_size,)), reshard_after_forward=system.reshard_after_forward,
+                   mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None))
+    for block in model.transformer.h:
+        if use_compile(system, device):
+            block.compile()  # in place: no _orig_mod. prefix in the saved names
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def checkpoint_activations(model: GPT, every: int) -> None:
+    """Recompute every k-th block's activations in backward instead of keeping them (k=0: none).
+    The blocks are wrapped in place; their saved names stay the same (the wrapper strips its
+    prefix), and the recomputation replays the forward's RNG state, so dropout masks match."""
+    if every <= 0:
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = model.transformer.h
+    for i in range(0, len(blocks), every):
+        blocks[i] = checkpoint_wrapper(blocks[i])
+
+
 def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
     """Whether this micro-step's backward synchronises gradients across ranks: with gradient
-    accumulation only the last micro-step of an iteration needs to."""
+    accumulation only the last micro-step of an iteration needs to under DDP. FSDP reduce-scatters
+    every micro-step: skipping it would keep whole gradients on every rank, the memory FSDP saves."""
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -68,10 +68,20 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, base: float):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("cos", torch.empty(block_size, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(block_size, head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The tables, computed where the buffers are (a model built on the meta device and
+        materialised later needs them again: they are not in the state dict)."""
+        arange = lambda n: torch.arange(n, dtype=torch.float32, device=self.cos.device)  # noqa: E731
+        inv_freq = self.base ** (-arange(self.head_dim)[::2] / self.head_dim)
+        angles = torch.outer(arange(self.cos.size(0)), inv_freq)  # (T, hs/2)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, nh, T, hs) at positions offset.. or, per row, positions (B, T)."""
@@ -244,6 +254,12 @@ class GPT(nn.Module):
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits.float() / c)
         return logits
+
+    def reset_buffers(self) -> None:
+        """Recompute the buffers a state dict does not hold (after materialising a meta-device model)."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset_buffers()
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context, e.g. to finetune GPT-2 (1024) with a shorter block."""

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from nanogpt import distributed
@@ -73,17 +74,17 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         saved = resume_state(run_dir, config.init_from)
         if saved is not None:
             warn_unused_overrides(config, run.overrides, saved)
-        raw_model = build_model(config, data.meta, saved).to(device)
-
-        # 3) how: the model wrapped for this world, optimizers, loss scaling, schedule, batches
-        training = build_training(config, raw_model, device, dtype, dist)
+        # 3) how: the model built and wrapped for this world, optimizers, loss scaling, schedule, batches
+        training = build_training(config, lambda: build_model(config, data.meta, saved), device, dtype, dist)
+        raw_model = training.raw_model
         lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
                              rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps)
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
         config_dict = dataclasses.asdict(config)
-        checkpointer = Checkpointer(run_dir, raw_model, training.optimizers, training.scaler, dist, config=config_dict,
+        checkpointer = Checkpointer(run_dir, raw_model, training.optimizers, training.scaler, dist,
+                                    sharded=distributed.sharded(config.system, dist), config=config_dict,
                                     meta=data.meta, provenance=provenance() if dist.is_main else None)
         state = checkpointer.restore(saved) if saved is not None else TrainState()
         recorder = start_recording(config, config_dict, run, run_dir, state if saved is not None else None, dist)
@@ -173,6 +174,7 @@ class Training:
 
     def __post_init__(self):
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        set_lr(self.optimizers, 1.0)  # each group's peak rate recorded as "base_lr", as a saved state holds it
         self.autocast = autocast(self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
@@ -198,6 +200,8 @@ def train_step(
         for opt in t.optimizers:
             t.scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(t.params, t.grad_clip if t.grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # sharded parameters: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
     # with fp16, inf gradients are overflow, which the scaler skips by itself
     finite = torch.isfinite(loss_sum) if t.scaler.is_enabled() else torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
     if not (skip_nonfinite and not finite.item()):
@@ -221,12 +225,18 @@ def set_up_rank(system: SystemConfig, dist: distributed.DistInfo) -> tuple[torch
     return device, dtype
 
 
-def build_training(config: TrainConfig, model: GPT, device: torch.device, dtype: torch.dtype,
+def build_training(config: TrainConfig, build_model: Callable[[], GPT], device: torch.device, dtype: torch.dtype,
                    dist: distributed.DistInfo) -> Training:
-    """What train_step needs: the model wrapped for this world (distributed.parallelize), its
-    optimizers, this rank's share of the micro-steps."""
+    """What train_step needs: the model built and wrapped for this world (distributed.parallelize,
+    or built on rank 0 and sharded: distributed.shard), its optimizers, this rank's share of the
+    micro-steps."""
+    if distributed.sharded(config.system, dist):
+        model = wrapped = distributed.shard(build_model, config.system, device, dtype, dist)
+    else:
+        model = build_model().to(device)
+        wrapped = distributed.parallelize(model, config.system, device, dist)
     return Training(
-        model=distributed.parallelize(model, config.system, device, dist),
+        model=wrapped,
         raw_model=model,
         optimizers=build(config.optim, model=model, device_type=device.type),
         device=device,

@@ -60,8 +60,8 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_optimizer_state(t
     after = load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert after["iter_num"] == 20
     # the resumed optimizer continued the saved one: Adam's step count went on from 10
-    assert before["optimizers"][0]["state"][0]["step"].item() == 10
-    assert after["optimizers"][0]["state"][0]["step"].item() == 20
+    assert before["optimizers"]["state"]["transformer.h.0.mlp.c_fc.weight"]["step"].item() == 10  # by parameter name
+    assert after["optimizers"]["state"]["transformer.h.0.mlp.c_fc.weight"]["step"].item() == 20
 
 
 def test_resume_by_folder_reuses_the_runs_overrides(train_run, tmp_path):
