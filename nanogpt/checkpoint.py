@@ -25,6 +25,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,11 +107,10 @@ class Checkpointer:
         was built from it; a sharded checkpoint's tensors are read into it here); the TrainState
         to continue from."""
         if "sharded_from" in saved:
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
             tensors = {"model": get_model_state_dict(self.model), "optimizers": optimizer_state(self.model, self.optimizers)}
-            dcp.load(tensors, checkpoint_id=saved["sharded_from"])
+            load_shards(tensors, saved["sharded_from"])
             set_model_state_dict(self.model, tensors["model"])
             set_optimizer_state(self.model, self.optimizers, tensors["optimizers"])
         else:
@@ -121,6 +121,16 @@ class Checkpointer:
         if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
         return state
+
+
+def load_shards(tensors: dict, step: str | Path, alone: bool = False) -> None:
+    """Fill tensors (whole or sharded, for this world) from a step folder written at any world
+    size: with every rank, or (alone) in this process only, whatever its process group."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process reading a checkpoint of several is what we mean
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, checkpoint_id=step, no_dist=alone or not torch.distributed.is_initialized())
 
 
 def optimizer_state(model: nn.Module, optimizers: list, full: bool = False) -> dict:
@@ -290,14 +300,15 @@ def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict |
     return load_pretrained(source, model or GPTConfig()), None
 
 
-def model_from_state(state: dict) -> GPT:
-    """The whole model of a checkpoint; a sharded one's shards are read into it in this process."""
+def model_from_state(state: dict, read_shards: bool = True) -> GPT:
+    """The whole model of a checkpoint; a sharded one's shards are read into it in this process
+    (read_shards=False: the trainer reads them into its own, maybe sharded, model, with every rank)."""
     model = GPT(GPTConfig(**state["model_args"]))
     if "sharded_from" in state:
-        import torch.distributed.checkpoint as dcp
-
+        if not read_shards:
+            return model
         weights = {"model": model.state_dict()}
-        dcp.load(weights, checkpoint_id=state["sharded_from"], no_dist=True)  # DCP reads the shards of every rank
+        load_shards(weights, state["sharded_from"], alone=True)
         model.load_state_dict(weights["model"])
     else:
         model.load_state_dict(strip_prefixes(state["model"]))
@@ -345,3 +356,38 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def consolidate(source: Path, out: Path) -> Path:
+    """A sharded checkpoint (a run folder or a step folder) as one file in ckpt.pt's format: the
+    whole model and the train state, loadable with weights_only=True. Optimizer state stays in
+    the shards (a resume reads them there)."""
+    step = weights_file(Path(source))
+    if step is None or not step.is_dir():
+        raise UserError(f"{source} holds no sharded checkpoint (no {SHARDED}/latest)")
+    state = read_checkpoint(step)
+    model = model_from_state(state)
+    del state["sharded_from"]
+    save_checkpoint(state | {"model": model.state_dict()}, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m nanogpt.checkpoint consolidate",
+                                     description="Write a sharded (FSDP) run's checkpoint as one .pt file.")
+    parser.add_argument("command", choices=["consolidate"])
+    parser.add_argument("source", type=Path, help="a run folder (its best, else latest, checkpoint) or a step folder")
+    parser.add_argument("out", type=Path, help="the .pt file to write")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {consolidate(args.source, args.out)}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

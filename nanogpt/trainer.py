@@ -264,7 +264,8 @@ def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
     and sized to the data's vocabulary. Checked against the data it will see."""
     source, trained_on = config.init_from, None
     if saved is not None:
-        source, model, trained_on = "this run's checkpoint", model_from_state(saved), saved.get("meta")
+        # a sharded checkpoint's tensors are read later, by every rank (Checkpointer.restore)
+        source, model, trained_on = "this run's checkpoint", model_from_state(saved, read_shards=False), saved.get("meta")
     elif config.init_from == "scratch":
         model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
     else:

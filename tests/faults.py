@@ -20,6 +20,24 @@ os.replace = replace
 """
 
 
+# A sharded save stops with its step folder written and the pointer not yet replaced (from the
+# second save on), announces it with <run>/ckpt/paused, and waits a minute.
+PAUSE_BEFORE_POINTER_RENAME = """
+import os, time
+from pathlib import Path
+_replace = os.replace
+_seen = []
+def replace(src, dst, *args, **kwargs):
+    if str(dst).endswith("ckpt/latest"):
+        _seen.append(dst)
+        if len(_seen) == 2:
+            Path(dst).with_name("paused").touch()
+            time.sleep(60)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+"""
+
+
 def inject(folder: Path, code: str) -> dict[str, str]:
     """Write code as folder/inject/sitecustomize.py; the environment that loads it."""
     (folder / "inject").mkdir(exist_ok=True)
