@@ -18,6 +18,7 @@ gc.disable()  # the imports make ~0.5M objects that live as long as the process:
 #                them while they pile up took ~0.5 s of start-up (docs/benchmark.md)
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -160,7 +161,13 @@ def bench(config: BenchConfig) -> dict:
     if b.data == "real":
         batches.items.close()  # stops the prefetch thread
 
-    return figures(config, training, step_s, data_s, startup_s, first_iter_s)
+    result = figures(config, training, step_s, data_s, startup_s, first_iter_s)
+    # each rank's own memory and step time: FSDP against DDP is a per-rank question
+    mine = {"rank": dist.rank, "peak_memory_mb": result["peak_memory_mb"], "ms_per_iter": result["ms_per_iter"]}
+    result |= {"world_size": dist.world_size, "parallelism": config.system.parallelism if dist.enabled else "none",
+               "ranks": distributed.gather_objects(mine, dist)}
+    distributed.teardown()
+    return result
 
 
 def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[float], startup_s: float | None,
@@ -233,6 +240,9 @@ def report(r: dict) -> str:
             f"{r['dtype']} matmul; {published}",
             f"data        {r['data_ms_per_batch']:.3f} ms per batch, {pct(r['data_share'])} of the step",
             f"memory      {r['peak_memory_mb']:,.0f} MiB peak",
+            *([f"ranks       {r['world_size']} ({r['parallelism']}): "
+               + "; ".join(f"rank {x['rank']} {x['peak_memory_mb']:,.0f} MiB peak, {x['ms_per_iter']:.1f} ms/iter"
+                           for x in r["ranks"])] if r["world_size"] > 1 else []),
             f"start-up    {startup} from process start to the first iteration, which took {r['first_iter_s']:.2f} s",
         ]
     )
@@ -295,7 +305,8 @@ def main(cfg: DictConfig) -> dict:
     config = to_train_config(cfg)
     sample = config.bench.task == "sample"
     result = bench_sampling(config) if sample else bench(config)
-    print(json.dumps(result) if config.bench.json else (report_sampling if sample else report)(result), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for all
+        print(json.dumps(result) if config.bench.json else (report_sampling if sample else report)(result), flush=True)
     return result
 
 

@@ -112,7 +112,7 @@ class SystemConfig:
     seed: int = valid(1337, NON_NEGATIVE)  # rank r seeds its dropout with seed + r
     deterministic: bool = False  # bit-identical across processes; compiled CPU kernels otherwise add atomically
     tf32: bool = True  # TF32 matmuls on Ampere and newer
-    cpu_memory_cache: bool = True  # on CPU, freed memory is reused instead of page-faulted afresh every step
+    cpu_memory_cache: bool = True  # on CPU, freed memory is reused (fast); false: returned at once (to measure memory)
     parallel_dropout: bool = False  # on CPU, dropout masks drawn on all threads (nanogpt.dropout), not torch's serial kernel
     backend: str = valid("auto", OneOf("auto", "nccl", "gloo"))
     nproc_per_node: int = valid(1, POSITIVE)  # >1: this job starts that many ranks itself

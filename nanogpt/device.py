@@ -49,24 +49,33 @@ def configure_backends(system: SystemConfig, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = system.tf32
         torch.backends.cudnn.allow_tf32 = system.tf32
-    if device.type == "cpu" and system.cpu_memory_cache:
-        keep_freed_memory()
+    if device.type == "cpu":
+        malloc_policy(keep_freed=system.cpu_memory_cache)
 
 
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for reuse, as a caching allocator does on a GPU.
+def malloc_policy(keep_freed: bool) -> None:
+    """How glibc's malloc treats freed memory of a CPU run.
 
-    By default glibc serves every block over 32 MiB with its own mmap and returns it on free, so
-    each step of a large CPU model (the baby model's activations are ~5 GiB) maps fresh pages and
-    the kernel faults and zeroes every one of them again: about a million page faults a step.
-    With mmap off and trimming off, blocks come from the heap and freed ones are reused. Numerics
-    are untouched. Nothing changes where the C library is not glibc."""
+    keep_freed=True keeps it for reuse, as a caching allocator does on a GPU. By default glibc
+    serves every block over 32 MiB with its own mmap and returns it on free, so each step of a
+    large CPU model (the baby model's activations are ~5 GiB) maps fresh pages and the kernel
+    faults and zeroes every one of them again: about a million page faults a step. With mmap off
+    and trimming off, blocks come from the heap and freed ones are reused.
+
+    keep_freed=False gives blocks of 1 MiB and more their own mmap, returned when freed. glibc's
+    default threshold would rise towards 32 MiB as blocks are freed, and freed blocks under it
+    stay in the heap: resident memory would count what FSDP's gathered weights held long after.
+    With a fixed threshold it follows the memory in use, which is what a memory figure needs.
+    Numerics are untouched either way. Nothing changes where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1 becomes SIZE_MAX inside glibc: never trim the heap's top
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
+    if keep_freed:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1 becomes SIZE_MAX inside glibc: never trim the heap's top
+    else:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

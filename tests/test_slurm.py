@@ -135,6 +135,21 @@ def test_ddp_jobs_one_run_folder_each_and_a_failing_rank_ends_its_job_at_once(tm
     assert rows["1"]["error"] == "rank 1: RuntimeError: rank 1 of job 1 failed on purpose"  # the cause, not its echo
 
 
+def test_an_fsdp_job_of_two_tasks_trains_sharded_in_one_run_folder(tmp_path, data_root):
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(data_root, str(sweep_dir), "hydra.launcher.tasks_per_node=2", "gradient_accumulation_steps=2",
+                      "system.parallelism=fsdp")
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = summary(sweep_dir)
+    assert rows["0"]["status"] == "finished" and rows["0"]["iters"] == "20", rows["0"]
+    run_dir = sweep_dir / "0"
+    assert "world size 2" in (run_dir / "train.log").read_text()
+    assert (run_dir / "ckpt" / "latest").is_file() and not (run_dir / "ckpt.pt").exists()  # a sharded checkpoint
+    assert {p.name for p in (run_dir / "ckpt" / (run_dir / "ckpt" / "latest").read_text().strip()).iterdir()} >= {
+        "__0_0.distcp", "__1_0.distcp", "train_state.pt"}  # written by both tasks
+
+
 def test_signalled_job_saves_requeues_and_resumes_in_its_folder(tmp_path, data_root):
     """A 2-job sweep of the same training (log_interval changes what is logged, not what is
     trained). Job 0 gets SLURM's warning signal mid-run: it saves, is requeued, resumes in the same

@@ -64,6 +64,33 @@ def test_resume_continues_at_the_saved_iteration_with_the_same_optimizer_state(t
     assert after["optimizers"]["state"]["transformer.h.0.mlp.c_fc.weight"]["step"].item() == 20
 
 
+def test_optimizer_state_saved_by_position_loads_by_parameter_name():
+    """Checkpoints before sharding kept optimizer.state_dict() (parameters numbered); they still resume."""
+    from nanogpt.checkpoint import optimizer_state, set_optimizer_state
+    from nanogpt.config import MuonConfig
+    from nanogpt.model import GPT, GPTConfig
+    from nanogpt.optim import build_muon
+
+    def trained():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+        optimizers = build_muon(MuonConfig(), model=model, device_type="cpu")  # two optimizers
+        return model, optimizers
+
+    model, optimizers = trained()
+    _, loss = model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8)))
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    old_layout = [opt.state_dict() for opt in optimizers]
+    fresh_model, fresh = trained()
+    set_optimizer_state(fresh_model, fresh, old_layout, full=True)
+    a, b = optimizer_state(model, optimizers, full=True), optimizer_state(fresh_model, fresh, full=True)
+    assert a["state"].keys() == b["state"].keys() and len(a["state"]) == len(list(model.parameters()))
+    for name, state in a["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][name][k])) for k, v in state.items())
+
+
 def test_resume_by_folder_reuses_the_runs_overrides(train_run, tmp_path):
     train_run("max_iters=10", "model.n_embd=48")
     proc = run_script("train.py", f"resume={tmp_path / 'run'}", "max_iters=20", cwd=tmp_path)
