@@ -14,7 +14,7 @@ FIELDS = {
     "data", "iters", "warmup", "ms_per_iter", "ms_per_iter_min", "ms_per_iter_max", "ms_per_iter_iqr",
     "tokens_per_s", "flops_per_token", "achieved_tflops", "published_peak_tflops", "mfu_published",
     "measured_peak_tflops", "mfu_measured", "data_ms_per_batch", "data_share", "peak_memory_mb",
-    "startup_s", "first_iter_s", "torch",
+    "startup_s", "first_iter_s", "torch", "world_size", "parallelism", "ranks",
 }  # fmt: skip
 
 
