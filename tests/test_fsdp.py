@@ -91,11 +91,16 @@ def test_fsdp_follows_one_process_and_resumes_at_any_world_size(tmp_path, data_r
     assert_follows(two_to_one, one)
     assert (two_to_one / "ckpt.pt").exists() and not (two_to_one / "ckpt").exists()  # one format at a time
 
-    # 1 -> 2 ranks: ckpt.pt's whole model and optimizer state, sharded
+    # 1 -> 2 ranks: ckpt.pt's whole model and optimizer state, sharded (ranks started by the job itself)
     one_to_two = tmp_path / "one_to_two"
     train(data_root, one_to_two, "max_iters=10", "eval_at_start=true")
-    train(data_root, one_to_two, FSDP, "max_iters=20", "eval_at_start=true", nproc=2)
+    train(data_root, one_to_two, FSDP, "max_iters=20", "eval_at_start=true", "system.nproc_per_node=2")
     assert_follows(one_to_two, one)
+
+    # Muon orthogonalises whole matrices of the sharded parameters
+    train(data_root, tmp_path / "muon_one", "optim=muon", "max_iters=20")
+    train(data_root, tmp_path / "muon_sharded", "optim=muon", FSDP, "max_iters=20", nproc=2)
+    assert_follows(tmp_path / "muon_sharded", tmp_path / "muon_one", tol=1e-3)
 
     # sampling, export and consolidation read the sharded run as the same weights unsharded
     whole = model_from_state(read_checkpoint(weights_file(sharded)))
