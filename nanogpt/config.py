@@ -118,6 +118,7 @@ class SystemConfig:
     nproc_per_node: int = valid(1, POSITIVE)  # >1: this job starts that many ranks itself
     parallelism: str = valid("ddp", OneOf("ddp", "fsdp"))  # ranks hold whole copies (DDP) or shards (FSDP2) of the model
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (memory) or keep them for backward
+    reduce_every_micro_step: bool = True  # fsdp: reduce-scatter each micro-step (memory) or the last only (speed)
     activation_checkpointing: int = valid(0, NON_NEGATIVE)  # recompute activations in backward: 0 off, k every k-th block
     num_threads: int | None = valid(None, POSITIVE)  # None: the CPUs this process may use / local ranks
     dist_timeout_s: int = valid(300, POSITIVE)  # a collective waiting longer means a peer died: fail, don't hang

@@ -155,8 +155,12 @@ def checkpoint_activations(model: GPT, every: int) -> None:
 
 def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
     """Whether this micro-step's backward synchronises gradients across ranks: with gradient
-    accumulation only the last micro-step of an iteration needs to under DDP. FSDP reduce-scatters
-    every micro-step: skipping it would keep whole gradients on every rank, the memory FSDP saves."""
+    accumulation only the last micro-step of an iteration needs to (FSDP then keeps whole
+    gradients until it: see system.reduce_every_micro_step)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
     return model.no_sync() if isinstance(model, DDP) and not enabled else nullcontext()
 
 

@@ -171,6 +171,7 @@ class Training:
     dtype: torch.dtype  # of the autocast region; float16 also scales the loss
     micro_steps: int  # this rank's share of gradient_accumulation_steps
     grad_clip: float  # 0: no clipping
+    sync_every_micro_step: bool = False  # FSDP's reduce-scatter on every micro-step, not the last only
 
     def __post_init__(self):
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -191,7 +192,7 @@ def train_step(
     loss_sum = torch.zeros((), device=t.device)
     for micro_step in range(t.micro_steps):
         x, y = next(batches)
-        with distributed.gradient_sync(t.model, micro_step == t.micro_steps - 1), t.autocast:
+        with distributed.gradient_sync(t.model, t.sync_every_micro_step or micro_step == t.micro_steps - 1), t.autocast:
             _, loss = t.model(x, y)
             loss = loss / t.micro_steps  # the mean over the whole accumulation
         t.scaler.scale(loss).backward()
@@ -230,7 +231,8 @@ def build_training(config: TrainConfig, build_model: Callable[[], GPT], device: 
     """What train_step needs: the model built and wrapped for this world (distributed.parallelize,
     or built on rank 0 and sharded: distributed.shard), its optimizers, this rank's share of the
     micro-steps."""
-    if distributed.sharded(config.system, dist):
+    sharded = distributed.sharded(config.system, dist)
+    if sharded:
         model = wrapped = distributed.shard(build_model, config.system, device, dtype, dist)
     else:
         model = build_model().to(device)
@@ -243,6 +245,7 @@ def build_training(config: TrainConfig, build_model: Callable[[], GPT], device: 
         dtype=dtype,
         micro_steps=per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size),
         grad_clip=config.grad_clip,
+        sync_every_micro_step=sharded and config.system.reduce_every_micro_step,
     )
 
 

@@ -97,6 +97,12 @@ def test_fsdp_follows_one_process_and_resumes_at_any_world_size(tmp_path, data_r
     train(data_root, one_to_two, FSDP, "max_iters=20", "eval_at_start=true", "system.nproc_per_node=2")
     assert_follows(one_to_two, one)
 
+    # 2 micro-steps a rank, gradients reduce-scattered on the last only
+    train(data_root, tmp_path / "accumulate_one", "gradient_accumulation_steps=4", "max_iters=10")
+    train(data_root, tmp_path / "accumulate_sharded", "gradient_accumulation_steps=4", "max_iters=10", FSDP,
+          "system.reduce_every_micro_step=false", nproc=2)
+    assert_follows(tmp_path / "accumulate_sharded", tmp_path / "accumulate_one")
+
     # Muon orthogonalises whole matrices of the sharded parameters
     train(data_root, tmp_path / "muon_one", "optim=muon", "max_iters=20")
     train(data_root, tmp_path / "muon_sharded", "optim=muon", FSDP, "max_iters=20", nproc=2)
