@@ -166,6 +166,7 @@ def bench(config: BenchConfig) -> dict:
     mine = {"rank": dist.rank, "peak_memory_mb": result["peak_memory_mb"], "ms_per_iter": result["ms_per_iter"]}
     result |= {"world_size": dist.world_size, "parallelism": config.system.parallelism if dist.enabled else "none",
                "ranks": distributed.gather_objects(mine, dist)}
+    del training  # DDP's reducer goes before the process group it holds (see trainer._train)
     distributed.teardown()
     return result
 

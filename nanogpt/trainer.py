@@ -92,7 +92,13 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         log_setup(config, training, state, run_dir, dist)
 
         # 5) the loop
-        return loop(config, training, loader, lr_scale, state, checkpointer, recorder, dist, run_dir)
+        try:
+            return loop(config, training, loader, lr_scale, state, checkpointer, recorder, dist, run_dir)
+        finally:
+            # DDP's reducer holds the process group: freed after teardown, it would run gloo's
+            # destructor with the GIL held while gloo's worker thread waits for the GIL (a hang at
+            # exit, about one run in 15). Freed here, the group is still registered and outlives it.
+            training.model = None
 
 
 def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], float], state: TrainState,
