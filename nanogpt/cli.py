@@ -79,7 +79,8 @@ def expand_resume(argv: list[str]) -> tuple[list[str], Path | None]:
     return [argv[0], *old, *new, f"hydra.run.dir={run_dir}"], run_dir
 
 
-def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: Callable | None = None) -> None:
+def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: Callable | None = None,
+            config_name: str = "config") -> None:
     """Call a @hydra.main function as a command. Under torchrun, ranks other than 0 compose the
     same config with Hydra's compose API and call follower: no run folder or logs of their own."""
     try:
@@ -88,7 +89,7 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
             from hydra import compose, initialize_config_dir
 
             with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=sys.argv[1:])
+                cfg = compose(config_name=config_name, overrides=sys.argv[1:])
             follower(cfg)
         else:
             # a resumed folder is claimed before Hydra writes its config and log into it

@@ -136,6 +136,66 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    _target_: str = "nanogpt.tracking.start_tensorboard"  # event files in <run folder>/tensorboard
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler's schedule, counted in training steps from the loop's start."""
+
+    wait: int = valid(2, NON_NEGATIVE)  # steps not traced: the first ones allocate, compile and warm caches
+    warmup: int = valid(1, NON_NEGATIVE)  # traced and discarded: the profiler's own start-up
+    active: int = valid(3, POSITIVE)  # steps recorded into the trace and the table
+    row_limit: int = valid(15, POSITIVE)  # operators in the log's table
+
+
+@dataclass
+class DebugConfig:
+    """What the debug presets (conf/debug/) switch on; each key also works alone."""
+
+    overfit: bool = False  # train on the first iteration's batches only, again and again
+    profile: ProfileConfig | None = None  # torch.profiler: a Chrome/Perfetto trace in the run folder, a table in the log
+    anomaly: bool = False  # autograd anomaly detection; the first module with a non-finite output stops the run, named
+    read_back: bool = False  # after the last step, load the checkpoint back, compare it with the weights, sample from it
+    sample_tokens: int = valid(20, POSITIVE)  # read_back: tokens sampled from the checkpoint read back
+    memory_history: bool = False  # CUDA: record allocations; an out-of-memory error writes memory_snapshot_rank<r>.pickle
+
+
+@dataclass
+class BitsPerByteConfig:
+    _target_: str = "nanogpt.tasks.BitsPerByteTask"
+    split: str = valid("val", OneOf("train", "val"))  # of the data group's folder (its vocabulary must be the model's)
+    tokens: int = valid(1_048_576, POSITIVE)  # tokens scored, from the split's start
+
+
+@dataclass
+class ChoiceTaskConfig:
+    _target_: str = "nanogpt.tasks.ChoiceTask"
+    path: str | None = None  # a local copy of the task's file (offline machines): read as it is
+    url: str | None = None  # else downloaded from here on first use, into eval.cache_dir
+    checksum: str | None = None  # of the download: sha256:<hex> or git-sha1:<hex> (a GitHub file's blob id)
+    format: str = valid("choices", OneOf("choices", "hellaswag"))  # rows {context, choices, label} | HellaSwag's own
+    join: str = " "  # between the context and a choice (HellaSwag: the ending follows after a space)
+    fewshot: int = valid(0, NON_NEGATIVE)  # solved examples shown before each one (a row's own "fewshot" wins)
+    fewshot_path: str | None = valid(None, Exists())  # where they are drawn from; None: the task's other examples
+    fewshot_separator: str = "\n\n"
+    limit: int | None = valid(None, POSITIVE)  # the first N examples only: a quick subset
+
+    RULES: ClassVar[list[Rule]] = [
+        ("set {prefix}path (a local file) or {prefix}url (downloaded once)", lambda c: c.path or c.url),
+    ]
+
+
+@dataclass
+class EvalConfig:
+    tasks: dict[str, Any] = field(default_factory=dict)  # by name, chosen in the eval group: eval=[bpb,hellaswag]
+    interval: int = valid(0, NON_NEGATIVE)  # in training: every this many iterations and at the end; 0: never
+    batch_size: int = valid(16, POSITIVE)  # sequences a forward pass
+    cache_dir: str = "~/.cache/nanogpt/eval"  # downloaded task files
+
+
+@dataclass
 class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = MISSING
@@ -143,6 +203,8 @@ class TrainConfig:
     schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
     logger: dict[str, Any] = field(default_factory=dict)  # the trackers, by name: {} or {"wandb": WandbConfig}
+    eval: EvalConfig = field(default_factory=EvalConfig)  # capability evaluations: bits per byte, HellaSwag
+    debug: DebugConfig = field(default_factory=DebugConfig)  # set by the debug presets: debug=fast|overfit|profile|anomaly
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
     max_iters: int = valid(2000, NON_NEGATIVE)
@@ -190,6 +252,9 @@ SCHEMAS = {
     "wsd_schema": WSDScheduleConfig,
     "system_schema": SystemConfig,
     "wandb_schema": WandbConfig,
+    "tensorboard_schema": TensorBoardConfig,
+    "bpb_schema": BitsPerByteConfig,
+    "choice_task_schema": ChoiceTaskConfig,
 }
 
 

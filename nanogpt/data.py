@@ -49,8 +49,7 @@ class BatchLoader:
         self.batch_size, self.block_size, self.device, self.seed = batch_size, block_size, device, seed
         self.rank, self.world_size, self.micro_steps, self.prefetch = rank, world_size, micro_steps, prefetch
         self.order = order
-        fp = fingerprint(self.meta)
-        self.streams = {s: TokenStream([self.path / f for f in self.meta["splits"][s]["shards"]], fp) for s in SPLITS}
+        self.streams = split_streams(self.path, self.meta)
         for split, stream in self.streams.items():
             if stream.size <= block_size:
                 raise UserError(
@@ -148,6 +147,12 @@ class TokenData:
         c = self.config
         return BatchLoader(self.path, c.batch_size, block_size, device, seed, rank, world_size, micro_steps, c.prefetch,
                            c.order, c.align)
+
+
+def split_streams(path: Path, meta: dict) -> dict[str, TokenStream]:
+    """Each split of a prepared folder as one token stream over its shards."""
+    fp = fingerprint(meta)
+    return {s: TokenStream([Path(path) / f for f in meta["splits"][s]["shards"]], fp) for s in SPLITS}
 
 
 def aligned_starts(stream: TokenStream, block_size: int) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Sweep summaries: one row per job of a multirun, built from the jobs' own files.
 
 Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
-with its error, interrupted, preempted) and metrics.jsonl (losses, speed). The summary is
-summary.csv in the sweep folder plus a printed table, best val loss first. It is written
+with its error, interrupted, preempted) and metrics.jsonl (losses, speed, the eval group's scores).
+The summary is summary.csv in the sweep folder plus a printed table, best val loss first (or by
+any column: --sort hellaswag/acc_norm), with a column for each task metric's last value. It is written
 
 - by SweepSummary.on_multirun_end, when every job returned;
 - by write_pending() in train.py's `finally`: Hydra skips on_multirun_end when a job failed
   (the sweeper re-raises the first failure, the submitit launcher raises for a job that died);
 - on demand, for any sweep folder, finished or still running:
-      python -m nanogpt.sweep multirun/2026-11-25/10-00-00
+      python -m nanogpt.sweep multirun/2026-11-25/10-00-00 [--sort bpb]
 """
 
 import argparse
@@ -27,6 +28,7 @@ from nanogpt.rundir import read_metrics, read_status, write_status
 from nanogpt.runs import describe
 
 SUMMARY = "summary.csv"
+TASK_RECORD_KEYS = {"iter", "kind", "tokens", "train_time_s"}  # a tasks record's keys that are not scores
 COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", "overrides", "error"]
 
 _NO_ERROR = {  # what a status without an error message means
@@ -62,21 +64,36 @@ def write_pending() -> None:
         print(write_summary(_pending.pop()))
 
 
-def write_summary(sweep_dir: Path) -> str:
+def write_summary(sweep_dir: Path, sort: str | None = None) -> str:
     """Write <sweep_dir>/summary.csv; return the table to print."""
-    rows = summarize(Path(sweep_dir))
+    rows = summarize(Path(sweep_dir), sort)
+    scores = score_columns(rows)
     with open(Path(sweep_dir) / SUMMARY, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, COLUMNS[:4] + scores + COLUMNS[4:])
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "overrides": " ".join(row["overrides"])})
+            fields = {k: v for k, v in row.items() if k != "scores"}
+            writer.writerow({**fields, **row["scores"], "overrides": " ".join(row["overrides"])})
     return f"sweep {sweep_dir}: {len(rows)} jobs, summary in {SUMMARY}\n{format_table(rows)}"
 
 
-def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job folder (any folder where Hydra saved a job's overrides), best val loss first."""
+def summarize(sweep_dir: Path, sort: str | None = None) -> list[dict[str, Any]]:
+    """One row per job folder (any folder where Hydra saved a job's overrides), best first by
+    `sort` (default: best val loss; accuracies high first, losses and bpb low first)."""
     rows = [job_row(p.parent.parent, sweep_dir) for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
-    return sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0.0, _natural(r["job"])))
+    key = sort or "best_val_loss"
+    sign = -1 if "acc" in key else 1
+
+    def order(r):
+        value = r["scores"].get(key, r.get(key))
+        return value is None, sign * value if value is not None else 0.0, _natural(r["job"])
+
+    return sorted(rows, key=order)
+
+
+def score_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The task metrics any job recorded, in the order first met."""
+    return list(dict.fromkeys(k for r in rows for k in r["scores"]))
 
 
 def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
@@ -84,6 +101,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     status = read_status(job_dir)
     metrics = read_metrics(job_dir)
     val = [m["val_loss"] for m in metrics if m.get("kind") == "eval"]
+    tasks = [m for m in metrics if m.get("kind") == "tasks"]
+    scores = {k: v for k, v in tasks[-1].items() if k not in TASK_RECORD_KEYS} if tasks else {}
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
     end = time.time() if run.status == "running" else status.get("time", run.started)
     return {
@@ -91,6 +110,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "status": run.status,
         "best_val_loss": run.best_val_loss,
         "final_val_loss": val[-1] if val else None,
+        "scores": scores,  # the last value of each task metric
         "iters": run.iters,
         "tokens_per_s": statistics.median(speed) if speed else None,
         "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait
@@ -102,7 +122,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table; overrides shared by every job are left out: they are not what was swept."""
     common = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
-    header = ["job", "overrides", "status", "best val", "final val", "iters", "tok/s", "wall", "error"]
+    scores = score_columns(rows)
+    header = ["job", "overrides", "status", "best val", "final val", *scores, "iters", "tok/s", "wall", "error"]
     table = [header] + [
         [
             r["job"],
@@ -110,6 +131,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             r["status"],
             _fmt(r["best_val_loss"], ".4f"),
             _fmt(r["final_val_loss"], ".4f"),
+            *(_fmt(r["scores"].get(k), ".4f") for k in scores),
             str(r["iters"]),
             _fmt(r["tokens_per_s"], ",.0f"),
             f"{r['wall_s']:.0f}s",
@@ -135,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m nanogpt.sweep", description="Summarise a sweep folder: summary.csv and a table."
     )
     parser.add_argument("sweep_dir", type=Path, help="the multirun folder, e.g. multirun/2026-11-25/10-00-00")
+    parser.add_argument("--sort", help="the column to rank jobs by, e.g. bpb or hellaswag/acc_norm (default: best_val_loss)")
     args = parser.parse_args(argv)
     if not any(args.sweep_dir.glob("**/.hydra/overrides.yaml")):
         sys.exit(f"error: no job folders in {args.sweep_dir}")
-    print(write_summary(args.sweep_dir))
+    print(write_summary(args.sweep_dir, args.sort))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def encode_pieces(self, texts: list[str], documents: list[bool]) -> list[np.ndarray]: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
 
 class CharTokenizer:
     """One token per character of a fixed alphabet (sorted, as nanoGPT's shakespeare_char)."""
@@ -60,6 +62,10 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 length of each token's text (bits per byte divides by these)."""
+        return np.array([len(c.encode()) for c in self.chars], dtype=np.int64)
+
 
 class TiktokenTokenizer:
     """A tiktoken encoding: a named one (gpt2), or a trained BPE's."""
@@ -74,6 +80,12 @@ class TiktokenTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
+
+    def token_bytes(self) -> np.ndarray:
+        """The bytes each token stands for; 0 for special tokens, which stand for no text."""
+        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+        return np.array([0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)],
+                        dtype=np.int64)
 
     def encode_pieces(self, texts: list[str], documents: list[bool]) -> list[np.ndarray]:
         """Each text encoded on its own, a document's with <|endoftext|> before it. One call into

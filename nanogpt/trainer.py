@@ -26,11 +26,12 @@ from nanogpt.config import SystemConfig, TrainConfig, build
 from nanogpt.device import autocast, configure_backends, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import Diverged, Interrupted, UserError
+from nanogpt.evaluation import Evaluator
 from nanogpt.flops import peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
 from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status, writer_lock
-from nanogpt.tokenizer import definition
+from nanogpt.tokenizer import definition, tokenizer_from_meta
 from nanogpt.tracking import Recorder, start_trackers
 
 log = logging.getLogger("nanogpt")
@@ -80,6 +81,11 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
                              rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps)
+        # the eval group's tasks, resolved now: a task file that cannot be had stops the run here
+        evaluator = None
+        if config.eval.tasks and (config.eval.interval or config.eval_only):
+            evaluator = Evaluator(config.eval, tokenizer_from_meta(data.meta), raw_model.config.vocab_size,
+                                  raw_model.config.block_size, loader.streams, dist)
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
         config_dict = dataclasses.asdict(config)
@@ -93,7 +99,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
 
         # 5) the loop
         try:
-            return loop(config, training, loader, lr_scale, state, checkpointer, recorder, dist, run_dir)
+            return loop(config, training, loader, evaluator, lr_scale, state, checkpointer, recorder, dist, run_dir)
         finally:
             # DDP's reducer holds the process group: freed after teardown, it would run gloo's
             # destructor with the GIL held while gloo's worker thread waits for the GIL (a hang at
@@ -101,8 +107,9 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
             training.model = None
 
 
-def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], float], state: TrainState,
-         checkpointer: Checkpointer, recorder: Recorder, dist: distributed.DistInfo, run_dir: Path) -> float:
+def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None, lr_scale: Callable[[int], float],
+         state: TrainState, checkpointer: Checkpointer, recorder: Recorder, dist: distributed.DistInfo,
+         run_dir: Path) -> float:
     """Iterations state.iter_num .. max_iters; returns the best val loss."""
     resume_hint = f"resume with: python train.py resume={run_dir}"
     start_iter = state.iter_num
@@ -116,9 +123,7 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
             for it in range(start_iter, config.max_iters + 1):
                 state.iter_num = it
                 last_step = it == config.max_iters
-                evaluate = config.eval_only or last_step or (
-                    it % config.eval_interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start))
-                )
+                evaluate = due(it, config.eval_interval, start_iter, config)
                 # checked without a per-step device sync: on log steps, and before anything is saved
                 if (evaluate or it % config.log_interval == 0) and bad_iter.item() >= 0:
                     raise Diverged(
@@ -130,6 +135,13 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
                     log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     recorder.log({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
                                   "tokens": it * tokens, "train_time_s": state.train_time_s})
+                if evaluator is not None and due(it, config.eval.interval, start_iter, config):
+                    scores = evaluator(t.raw_model, t.device, t.autocast)  # the raw model: any shape, no recompiles
+                    log.info(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                    recorder.log({"iter": it, "kind": "tasks", **scores, "tokens": it * tokens,
+                                  "train_time_s": state.train_time_s})
+                    progress.restart(it)
+                if evaluate:
                     improved = losses["val"] < state.best_val_loss
                     state.best_val_loss = min(state.best_val_loss, losses["val"])
                     if it > 0 and not config.eval_only:
@@ -164,6 +176,17 @@ def loop(config: TrainConfig, t: "Training", loader, lr_scale: Callable[[int], f
         batches.close()
         recorder.finish(exit_code, summary={"best_val_loss": state.best_val_loss})
     return state.best_val_loss
+
+
+def due(it: int, interval: int, start_iter: int, config: TrainConfig) -> bool:
+    """Whether an evaluation run every `interval` iterations runs at iteration it: at its multiples
+    (not the one a resumed run starts at, done before that checkpoint), at the last iteration, and
+    always with eval_only. interval 0: only with eval_only."""
+    if config.eval_only:
+        return True
+    if not interval:
+        return False
+    return it == config.max_iters or (it % interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start)))
 
 
 @dataclasses.dataclass
