@@ -1,0 +1,264 @@
+"""Capability evaluation: HellaSwag-style scoring checked against a plain one-example-at-a-time
+computation, bits per byte against a hand computation, the download path against a local HTTP
+server, and the evaluations inside training, resumed, across ranks and in the eval command."""
+
+import functools
+import http.server
+import json
+import math
+import subprocess
+import sys
+import threading
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_script
+from nanogpt.config import ChoiceTaskConfig
+from nanogpt.distributed import DistInfo
+from nanogpt.errors import UserError
+from nanogpt.evaluation import bits_per_byte, multiple_choice, render_all
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.rundir import read_metrics
+from nanogpt.shards import TokenStream, write_shard
+from nanogpt.tasks import ChoiceTask
+from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+# rows in the official HellaSwag layout (ctx, endings, label, and keys the scorer ignores)
+HELLASWAG_ROWS = [
+    {"ind": 4, "activity_label": "Theatre", "ctx_a": "ROMEO: I love thee", "ctx_b": "", "ctx": "ROMEO: I love thee",
+     "endings": ["and my heart is thine.", "the river ran dry.", "with all my soul, fair Juliet.", "four."], "label": 2,
+     "split": "val"},
+    {"ctx": "JULIET: O Romeo, Romeo!", "endings": ["wherefore art thou Romeo?", "to the market.", "x", "a b c d e f g"],
+     "label": 0},
+    {"ctx": "First Citizen: Before we proceed any further, hear me speak.",
+     "endings": ["All: Speak, speak.", "The cat sat on the mat.", "Speak!", "no"], "label": 0},
+    {"ctx": "KING: What news from the north?", "endings": ["The armies gather, my lord.", "Blue.", "It rains.", "Yes"],
+     "label": 0},
+    {"ctx": "LADY: Good night, good night!", "endings": ["Parting is such sweet sorrow.", "Mmm.", "ok", "The end."],
+     "label": 0},
+]
+TEXT = "ROMEO: I love thee, and my heart is thine. JULIET: O Romeo, Romeo! wherefore art thou Romeo? " * 3
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def hellaswag_file(tmp_path):
+    return write_jsonl(tmp_path / "hellaswag_val.jsonl", HELLASWAG_ROWS)
+
+
+@functools.cache
+def trained_gpt2_model(block_size: int = 64) -> GPT:
+    """A tiny GPT-2-vocabulary model after a few steps on a text like the fixture's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50304, block_size=block_size, n_layer=2, n_head=2, n_embd=32, bias=False))
+    tokens = torch.tensor(TiktokenTokenizer("gpt2").encode(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        starts = torch.randint(0, len(tokens) - block_size - 1, (4,))
+        w = torch.stack([tokens[s : s + block_size + 1] for s in starts])
+        _, loss = model(w[:, :-1], w[:, 1:].contiguous())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def reference_scores(model, tokenizer, ctx: str, ending: str, block_size: int) -> tuple[float, float]:
+    """One example's ending alone, as written out by hand: summed and mean loss of its tokens."""
+    context, choice = tokenizer.encode(ctx), tokenizer.encode(" " + ending)
+    tokens = torch.tensor(context + choice)[-(block_size + 1):]  # cut from the left, as a block allows
+    n_choice = min(len(choice), len(tokens) - 1)
+    with torch.no_grad():
+        logits, _ = model(tokens[None, :-1], tokens[None, 1:])
+    logp = torch.log_softmax(logits[0].double(), dim=-1)
+    nll = -logp[torch.arange(len(tokens) - 1), tokens[1:]]
+    ending_nll = nll[-n_choice:]
+    return ending_nll.sum().item(), ending_nll.mean().item()
+
+
+def score(model, file, tokenizer, block_size, batch_size, **task):
+    t = ChoiceTask(ChoiceTaskConfig(path=str(file), format=task.pop("format", "hellaswag"), **task), "hs", "/nonexistent")
+    rendered = render_all(t, tokenizer, block_size)
+    return multiple_choice(model, rendered, batch_size, torch.device("cpu"), nullcontext(), DistInfo())
+
+
+@pytest.mark.parametrize("block_size", [64, 12])  # 12: every example cut from the left
+def test_choice_scores_equal_a_one_at_a_time_computation(hellaswag_file, block_size):
+    tok = TiktokenTokenizer("gpt2")
+    model = trained_gpt2_model()
+    model64 = GPT(GPTConfig(**vars(model.config)))
+    model64.load_state_dict(model.state_dict())
+    model64.double()
+    batched = score(model64, hellaswag_file, tok, block_size, batch_size=7)
+    single = score(model64, hellaswag_file, tok, block_size, batch_size=1)
+    correct = correct_norm = 0
+    for i, row in enumerate(HELLASWAG_ROWS):
+        ref = [reference_scores(model64, tok, row["ctx"], e, block_size) for e in row["endings"]]
+        ours = batched.scores[i]
+        for (ref_sum, ref_mean), (our_sum, n), (one_sum, _) in zip(ref, ours, single.scores[i]):
+            assert our_sum == pytest.approx(ref_sum, abs=1e-9)
+            assert our_sum / n == pytest.approx(ref_mean, abs=1e-9)
+            assert one_sum == pytest.approx(our_sum, abs=1e-9)  # batch size 1 and batched
+        sums, means = [s for s, _ in ref], [m for _, m in ref]
+        correct += sums.index(min(sums)) == row["label"]
+        correct_norm += means.index(min(means)) == row["label"]
+    n = len(HELLASWAG_ROWS)
+    assert (batched.examples, batched.skipped) == (n, 0)
+    assert batched.cut == (n if block_size == 12 else 0)
+    assert batched.metrics("hs") == {"hs/acc": correct / n, "hs/acc_norm": correct_norm / n}
+
+    fp32 = score(model, hellaswag_file, tok, block_size, batch_size=3)  # the chosen endings hold in fp32
+    assert (fp32.correct, fp32.correct_norm) == (batched.correct, batched.correct_norm)
+    for i in range(n):
+        chosen = lambda scores: min(range(4), key=lambda j: scores[j][0])  # noqa: E731
+        assert chosen(fp32.scores[i]) == chosen(batched.scores[i])
+
+
+def test_a_character_vocabulary_skips_examples_it_cannot_spell(tmp_path):
+    chars = sorted(set(TEXT + "".join(r["ctx"] + "".join(r["endings"]) for r in HELLASWAG_ROWS[:2])))
+    tok = CharTokenizer("".join(chars))
+    rows = [{"context": r["ctx"], "choices": r["endings"], "label": r["label"]} for r in HELLASWAG_ROWS[:2]]
+    rows.append({"context": "Café society", "choices": ["yes", "no"], "label": 0})  # é: not in the vocabulary
+    file = write_jsonl(tmp_path / "task.jsonl", rows)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(chars), block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    result = score(model, file, tok, 64, 4, format="choices")
+    assert (result.examples, result.skipped) == (2, 1)
+    ref = reference_scores(model, tok, rows[0]["context"], rows[0]["choices"][1], 64)
+    assert result.scores[0][1][0] == pytest.approx(ref[0], rel=1e-5)  # " " + choice, one token a character
+
+
+def test_fewshot_examples_come_before_the_context(tmp_path):
+    rows = [{"context": f"Q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(5)]
+    rows[0]["fewshot"] = [{"context": "Shown", "choices": ["no", "yes"], "label": 1}]
+    task = ChoiceTask(ChoiceTaskConfig(path=str(write_jsonl(tmp_path / "t.jsonl", rows)), fewshot=2,
+                                       fewshot_separator="|"), "t", "/nonexistent")
+    examples = task.examples()
+    tok = CharTokenizer("".join(sorted(set("Q0123456789abShownoyes |"))))
+    assert tok.decode(task.render(examples[0], tok, 64).rows[1].tolist()) == "Shown yes|Q0 b"  # the row's own
+    others = examples[3].fewshot
+    assert len(others) == 2 and all(o.context != "Q3" for o in others)
+    assert [o.context for o in task.examples()[3].fewshot] == [o.context for o in others]  # the same every time
+
+
+def write_stream(path, tokens: list[int]) -> TokenStream:
+    fp = bytes(32)
+    write_shard(path, np.asarray(tokens, dtype=np.uint16), np.array([0]), fp)
+    return TokenStream([path], fp)
+
+
+def test_bits_per_byte_equals_a_hand_computation(tmp_path):
+    tok = TiktokenTokenizer("gpt2")
+    tokens = tok.encode(TEXT + "<|endoftext|>" + TEXT[:50])
+    stream = write_stream(tmp_path / "val.bin", tokens)
+    model = GPT(GPTConfig(**vars(trained_gpt2_model().config)))
+    model.load_state_dict(trained_gpt2_model().state_dict())
+    model.double()
+    block = 16
+    token_bytes = torch.from_numpy(np.pad(tok.token_bytes(), (0, 50304 - tok.vocab_size)))
+    bpb, scored = bits_per_byte(model, stream, token_bytes, 10**6, block, 3, torch.device("cpu"), nullcontext(), DistInfo())
+
+    nats = nbytes = counted = 0
+    for start in range(0, len(tokens) - block, block):  # windows of block + 1 tokens, each token predicted once
+        w = torch.tensor(tokens[start : start + block + 1])
+        with torch.no_grad():
+            logits, _ = model(w[None, :-1], w[None, 1:])
+        logp = torch.log_softmax(logits[0], dim=-1)
+        for t in range(block):
+            target = int(w[t + 1])
+            if target == tok.eot_token:  # <|endoftext|> stands for no bytes: it counts in neither sum
+                continue
+            nats -= logp[t, target].item()
+            nbytes += len(tok.enc.decode_single_token_bytes(target))
+            counted += 1
+    assert scored == counted
+    assert bpb == pytest.approx(nats / (math.log(2) * nbytes), abs=1e-9)
+
+
+class Server:
+    """A local HTTP server for one folder: the download path without a network."""
+
+    def __init__(self, folder):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_a_task_file_is_downloaded_once_and_checked(tmp_path, hellaswag_file, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = Server(hellaswag_file.parent)
+    try:
+        url = f"{server.url}/{hellaswag_file.name}"
+        blob = subprocess.run(["git", "hash-object", str(hellaswag_file)], capture_output=True, text=True, check=True)
+        task = ChoiceTask(ChoiceTaskConfig(url=url, checksum=f"git-sha1:{blob.stdout.strip()}", format="hellaswag"),
+                          "hellaswag", str(tmp_path / "cache"))
+        assert task.fetch().read_bytes() == hellaswag_file.read_bytes()
+        assert len(task.examples()) == len(HELLASWAG_ROWS)
+
+        bad = ChoiceTask(ChoiceTaskConfig(url=url, checksum="sha256:" + "0" * 64), "other", str(tmp_path / "cache"))
+        with pytest.raises(UserError, match="checksum mismatch.*eval.tasks.other.path="):
+            bad.fetch()
+        assert not any((tmp_path / "cache" / "other").iterdir())  # nothing half-checked left behind
+        missing = ChoiceTask(ChoiceTaskConfig(url=f"{server.url}/nothing.jsonl"), "gone", str(tmp_path / "cache"))
+        with pytest.raises(UserError, match="cannot download"):
+            missing.fetch()
+    finally:
+        server.close()
+
+
+def test_a_missing_task_file_stops_training_before_iteration_0(train_run, tmp_path):
+    proc = train_run("eval=[hellaswag]", "eval.interval=5", f"eval.cache_dir={tmp_path}/cache",
+                     "eval.tasks.hellaswag.url=http://127.0.0.1:9/hellaswag_val.jsonl", check=False)
+    assert proc.returncode == 2
+    assert "set eval.tasks.hellaswag.path=<file>" in proc.stderr
+    assert "iter 1" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluations_inside_training_resume_and_match_over_two_ranks(tmp_path, data_root):
+    """A character-vocabulary run with bpb and a multiple-choice task every 2 iterations; resumed;
+    then the eval command on its checkpoint with 1 and 2 ranks."""
+    rows = [{"context": r["ctx"], "choices": r["endings"], "label": r["label"]} for r in HELLASWAG_ROWS]
+    task = write_jsonl(tmp_path / "task.jsonl", rows)
+    run = tmp_path / "run"
+    tasks = ["eval=[bpb,hellaswag]", "eval.interval=2", "eval.tasks.bpb.tokens=300", f"eval.tasks.hellaswag.path={task}",
+             "eval.tasks.hellaswag.format=choices"]
+    common = [*TINY, f"data.root={data_root}", f"hydra.run.dir={run}", "eval_interval=4", "log_interval=2", *tasks]
+    run_script("train.py", *common, "max_iters=4", cwd=tmp_path)
+    run_script("train.py", *common, "max_iters=8", cwd=tmp_path)  # resumes at its checkpoint, iteration 4
+    records = [m for m in read_metrics(run) if m["kind"] == "tasks"]
+    assert [m["iter"] for m in records] == [2, 4, 6, 8]
+    assert all(set(m) >= {"bpb", "hellaswag/acc", "hellaswag/acc_norm"} for m in records)
+
+    # the eval command on the run's checkpoint: the last in-training scores, and the same totals on 2 ranks
+    args = [f"init_from={run}", f"data.root={data_root}", *TINY[:2], *tasks[:1], *tasks[2:]]
+    one = subprocess.run([sys.executable, "-m", "nanogpt.eval", *args, f"hydra.run.dir={tmp_path}/one"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "nanogpt.eval", *args, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert b["world_size"] == 2 and a["counts"] == b["counts"]
+    for key, value in a["scores"].items():
+        assert b["scores"][key] == pytest.approx(value, abs=1e-6)
+        assert records[-1][key] == pytest.approx(value, abs=1e-6)
+    assert "hellaswag/acc_norm" in one.stdout  # the printed table
+
+    other = subprocess.run([sys.executable, "-m", "nanogpt.eval", *args, "data=shakespeare", f"hydra.run.dir={tmp_path}/x"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert other.returncode == 2 and "is not the model's" in other.stderr  # GPT-2 tokens for a character model
+
