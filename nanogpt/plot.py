@@ -1,7 +1,7 @@
 """Plots of a run or a sweep, drawn from metrics.jsonl:
 
-    python -m nanogpt.plot outputs/2026-11-25/10-00-00    # loss.png, lr.png in the run folder
-    python -m nanogpt.plot multirun/2026-11-25/11-02-13   # val_loss.png: every job's val loss
+    python -m nanogpt.plot outputs/2026-11-25/10-00-00    # loss.png, lr.png (tasks.png) in the run folder
+    python -m nanogpt.plot multirun/2026-11-25/11-02-13   # val_loss.png (tasks.png): every job's
 
 Figures are built with matplotlib's object API (Figure, no pyplot): no global state, no display
 needed (PNGs are rendered by Agg), and the functions return the figures so tests can read the
@@ -16,14 +16,15 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from nanogpt.rundir import METRICS, read_metrics
+from nanogpt.rundir import METRICS, read_metrics, task_scores
 from nanogpt.runs import overrides
 
 X_LABELS = {"iter": "iteration", "tokens": "tokens"}
 
 
 def run_figures(run_dir: Path) -> dict[str, Figure]:
-    """'loss': train and val loss against iterations (left) and tokens (right); 'lr': the schedule."""
+    """'loss': train and val loss against iterations (left) and tokens (right); 'lr': the schedule;
+    'tasks': the eval group's scores, when the run recorded some."""
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -43,28 +44,51 @@ def run_figures(run_dir: Path) -> dict[str, Figure]:
     _line(ax, train, "iter", "lr", "learning rate")
     _style(ax, "iter", "learning rate")
     _title(lr, run_dir, run_overrides)
-    return {"loss": loss, "lr": lr}
+    figures = {"loss": loss, "lr": lr}
+    tasks = [r for r in records if r.get("kind") == "tasks"]
+    if tasks:
+        figures["tasks"] = scores_figure({"": tasks}, run_dir, run_overrides)
+    return figures
 
 
-def sweep_figure(sweep_dir: Path) -> Figure:
-    """Every job's val loss against iterations (left) and tokens (right), one line per job,
-    labelled with the overrides that differ between jobs; the shared ones go in the title."""
+def scores_figure(curves: dict[str, list[dict]], folder: Path, title_overrides: list[str]) -> Figure:
+    """One panel per score of the tasks records against iterations, a line per curve (label ->
+    records: a run's, or each job's of a sweep)."""
+    names = list(dict.fromkeys(k for records in curves.values() for r in records for k in task_scores(r)))
+    fig = Figure(figsize=(4.5 * len(names), 4), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        for label, records in curves.items():
+            _line(ax, records, "iter", name, label, marker="o")
+        _style(ax, "iter", name)
+    if len(curves) > 1:
+        fig.axes[0].legend(fontsize="small")
+    _title(fig, folder, title_overrides)
+    return fig
+
+
+def sweep_figures(sweep_dir: Path) -> dict[str, Figure]:
+    """'val_loss': every job's val loss against iterations (left) and tokens (right), one line per
+    job, labelled with the overrides that differ between jobs (the shared ones go in the title);
+    'tasks': every job's task scores, when the jobs recorded some."""
     jobs = sweep_jobs(sweep_dir)
     job_overrides = {job: overrides(job) for job in jobs}
     common = set.intersection(*(set(o) for o in job_overrides.values())) if len(jobs) > 1 else set()
-    curves = {  # label -> eval records
-        " ".join([f"{job.relative_to(sweep_dir)}:", *(o for o in job_overrides[job] if o not in common)]):
-        [r for r in read_metrics(job) if r.get("kind") == "eval"]
-        for job in jobs
-    }
+    labels = {job: " ".join([f"{job.relative_to(sweep_dir)}:", *(o for o in job_overrides[job] if o not in common)])
+              for job in jobs}
+    records = {job: read_metrics(job) for job in jobs}
+    shared = [o for o in job_overrides[jobs[0]] if o in common] if jobs else []
     fig = Figure(figsize=(12, 5), layout="constrained")
     for ax, x in zip(fig.subplots(1, 2, sharey=True), X_LABELS):
-        for label, evals in curves.items():
-            _line(ax, evals, x, "val_loss", label, marker="o")
+        for job in jobs:
+            _line(ax, [r for r in records[job] if r.get("kind") == "eval"], x, "val_loss", labels[job], marker="o")
         _style(ax, x, "val loss")
     fig.axes[0].legend(fontsize="small")
-    _title(fig, Path(sweep_dir), [o for o in job_overrides[jobs[0]] if o in common] if jobs else [])
-    return fig
+    _title(fig, Path(sweep_dir), shared)
+    figures = {"val_loss": fig}
+    tasks = {labels[job]: [r for r in records[job] if r.get("kind") == "tasks"] for job in jobs}
+    if any(tasks.values()):
+        figures["tasks"] = scores_figure(tasks, Path(sweep_dir), shared)
+    return figures
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -79,7 +103,7 @@ def plot(folder: Path) -> list[Path]:
     if (folder / METRICS).exists():
         figures = run_figures(folder)
     elif sweep_jobs(folder):
-        figures = {"val_loss": sweep_figure(folder)}
+        figures = sweep_figures(folder)
     else:
         raise FileNotFoundError(f"{folder}: no {METRICS} in it or in folders below it: not a run or sweep folder")
     paths = []

@@ -23,6 +23,7 @@ from pathlib import Path
 from nanogpt.errors import UserError
 
 STATUS, METRICS, LOCK = "status.json", "metrics.jsonl", ".lock"
+DEBUG = "debug"  # the debug presets' runs go to outputs/debug/: a search for runs below outputs/ skips it
 REQUEUE_WAIT_S = 30  # how long a requeued SLURM job waits for its previous run to let go of the folder
 
 
@@ -168,6 +169,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except ValueError:
             pass  # a torn last line from a kill
     return records
+
+
+def task_scores(record: dict) -> dict[str, float]:
+    """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm)."""
+    return {k: v for k, v in record.items() if k not in ("iter", "kind", "tokens", "train_time_s")}
 
 
 def provenance() -> dict:

@@ -24,11 +24,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from nanogpt.rundir import read_metrics, read_status, write_status
+from nanogpt.rundir import read_metrics, read_status, task_scores, write_status
 from nanogpt.runs import describe
 
 SUMMARY = "summary.csv"
-TASK_RECORD_KEYS = {"iter", "kind", "tokens", "train_time_s"}  # a tasks record's keys that are not scores
 COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", "overrides", "error"]
 
 _NO_ERROR = {  # what a status without an error message means
@@ -102,7 +101,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(job_dir)
     val = [m["val_loss"] for m in metrics if m.get("kind") == "eval"]
     tasks = [m for m in metrics if m.get("kind") == "tasks"]
-    scores = {k: v for k, v in tasks[-1].items() if k not in TASK_RECORD_KEYS} if tasks else {}
+    scores = task_scores(tasks[-1]) if tasks else {}
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
     end = time.time() if run.status == "running" else status.get("time", run.started)
     return {

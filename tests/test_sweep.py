@@ -40,7 +40,8 @@ def assert_read_from_job(row: dict, sweep_dir: Path) -> None:
 
 
 def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(tmp_path, data_root):
-    proc = sweep(tmp_path, data_root, "optim.learning_rate=1e-3,2e-3")
+    bpb = ["eval=[bpb]", "eval.interval=10", "eval.tasks.bpb.tokens=256"]
+    proc = sweep(tmp_path, data_root, "optim.learning_rate=1e-3,2e-3", *bpb)
     sweep_dir = tmp_path / "sweep"
     rows = summary(sweep_dir)
     assert sorted(float(swept(r, "optim.learning_rate")) for r in rows) == [1e-3, 2e-3]
@@ -50,10 +51,17 @@ def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(tmp_path, data
         assert_read_from_job(row, sweep_dir)
     assert float(rows[0]["best_val_loss"]) <= float(rows[1]["best_val_loss"])  # best first
     assert "optim.learning_rate=0.002" in proc.stdout  # the printed table shows what was swept
+    for row in rows:  # a column per task metric: its last value
+        assert float(row["bpb"]) == [m for m in read_metrics(sweep_dir / row["job"]) if m["kind"] == "tasks"][-1]["bpb"]
+    assert " bpb " in proc.stdout
+    by_bpb = subprocess.run([sys.executable, "-m", "nanogpt.sweep", str(sweep_dir), "--sort", "bpb"],
+                            capture_output=True, text=True, check=True)
+    assert [r["job"] for r in summary(sweep_dir)] == [r["job"] for r in sorted(rows, key=lambda r: float(r["bpb"]))]
+    assert "bpb" in by_bpb.stdout
 
     (sweep_dir / "summary.csv").unlink()
     out = subprocess.run([sys.executable, "-m", "nanogpt.sweep", str(sweep_dir)], capture_output=True, text=True, check=True)
-    assert summary(sweep_dir) == rows
+    assert summary(sweep_dir) == rows  # best val loss first again
     assert "finished" in out.stdout
 
 
