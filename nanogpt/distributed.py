@@ -37,14 +37,13 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    # in a process group: every rank torchrun, srun or the in-job spawn started, a lone one too
+    # (as nanoGPT's: `torchrun --nproc_per_node=1` trains through DDP, on NCCL where CUDA is)
+    enabled: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
 
 def torchrun_env() -> bool:
@@ -73,6 +72,7 @@ def setup(system: SystemConfig, device_type: str) -> DistInfo:
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             world_size=int(os.environ["WORLD_SIZE"]),
             local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            enabled=True,
         )
     torch.set_num_threads(num_threads(system, info.local_world_size))
     if info.enabled:

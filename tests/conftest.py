@@ -32,6 +32,17 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """gpu-marked tests (tests/test_gpu.py) skip, saying why, where there is no CUDA device."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """Prepared data shared by the whole session (preparation is tested on its own)."""

@@ -1,5 +1,6 @@
 """Data parallelism on CPU with gloo: torchrun, in-job spawning, equivalence, failures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,8 +36,8 @@ def run(args: list[str], cwd, env=None, timeout=300) -> subprocess.CompletedProc
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(*overrides: str, cwd, nproc=2, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py")]
+def torchrun(*overrides: str, cwd, nproc=2, script="train.py", **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / script)]
     return run(cmd + list(overrides), cwd, **kw)
 
 
@@ -86,6 +87,15 @@ def test_torchrun_writes_one_run_folder(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr
     assert_one_of_each(only_run_folder(tmp_path))
     assert proc.stdout.count("run folder") == 1  # only rank 0 prints
+
+
+def test_one_rank_under_torchrun_trains_through_ddp(tmp_path):
+    """As nanoGPT's: a lone torchrun rank joins a process group (NCCL on a GPU: tests/test_gpu.py)."""
+    args = [*TINY, "model.vocab_size=100", "bench.data=synthetic", "bench.iters=1", "bench.warmup=0", "bench.json=true"]
+    proc = torchrun(*args, cwd=tmp_path, nproc=1, script="bench.py")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert (r["world_size"], r["parallelism"]) == (1, "ddp")
 
 
 def test_nproc_per_node_spawns_ranks_inside_the_job(tmp_path, data_root):
