@@ -20,9 +20,7 @@ gc.disable()  # the imports make ~0.5M objects that live as long as the process:
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from omegaconf import DictConfig
 from nanogpt import distributed
 from nanogpt.cli import job, run_cli
 from nanogpt.config import TrainConfig, build, to_train_config
-from nanogpt.device import autocast, resolve_device, use_compile
+from nanogpt.device import autocast, memory_mb, resolve_device, use_compile
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, OneOf, valid
 from nanogpt.flops import measure_matmul_flops, published_peak
 from nanogpt.data import TokenData
@@ -96,13 +94,6 @@ def synthetic_batches(
         batches.append((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
     while True:
         yield from batches
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 class Waited:
@@ -209,7 +200,7 @@ def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[
         "mfu_measured": achieved / measured,
         "data_ms_per_batch": statistics.median(data_s) / micro_steps * 1e3,
         "data_share": sum(data_s) / sum(step_s),
-        "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+        "peak_memory_mb": memory_mb(device)["mem_peak_mb"],  # what the trainer logs
         "startup_s": startup_s,
         "first_iter_s": first_iter_s,
         "torch": torch.__version__,

@@ -37,6 +37,7 @@ from nanogpt import distributed
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import GPT2_NAMES, load_pretrained
+from nanogpt.rundir import DEBUG
 
 LAST, BEST = "ckpt.pt", "best.pt"
 SHARDED = "ckpt"  # the folder of a sharded run's step folders and pointers
@@ -330,8 +331,10 @@ def strip_prefixes(state_dict: dict) -> dict:
 
 
 def find_newest_run(root: Path) -> Path | None:
-    """The most recently written run folder below root that holds a checkpoint."""
-    found = [*Path(root).glob(f"**/{LAST}"), *Path(root).glob(f"**/{SHARDED}/{POINTERS[LAST]}")]
+    """The most recently written run folder below root that holds a checkpoint, debug runs
+    (root/.../debug/...) left out."""
+    found = [p for p in [*Path(root).glob(f"**/{LAST}"), *Path(root).glob(f"**/{SHARDED}/{POINTERS[LAST]}")]
+             if DEBUG not in p.relative_to(root).parts]
     newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
     return None if newest is None else newest.parent if newest.name == LAST else newest.parent.parent
 

@@ -3,6 +3,8 @@
 import contextlib
 import ctypes
 import platform
+import resource
+import sys
 
 import torch
 
@@ -86,3 +88,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def use_compile(system: SystemConfig, device: torch.device) -> bool:
     return device.type == "cuda" if system.compile is None else system.compile
+
+
+def memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's memory on a device, in MiB, as the log lines, metrics.jsonl and bench.py give
+    it. mem_peak_mb: on CUDA the most allocated since start; elsewhere the peak resident memory
+    (ru_maxrss: the whole process, Python and data included). CUDA adds what is allocated now and
+    what the caching allocator reserves (allocated plus cached blocks: what nvidia-smi shows, less
+    the context)."""
+    if device.type == "cuda":
+        return {
+            "mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "mem_allocated_mb": torch.cuda.memory_allocated(device) / 2**20,
+            "mem_reserved_mb": torch.cuda.memory_reserved(device) / 2**20,
+        }
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"mem_peak_mb": (rss if sys.platform == "darwin" else rss * 1024) / 2**20}

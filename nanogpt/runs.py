@@ -8,7 +8,8 @@
     2026-11-25 11:02  interrupted  750/2000   2.3104    multirun/2026-11-25/11-02-13/1  optim.learning_rate=1e-3
 
 A run folder is any folder where Hydra saved a job (.hydra/); everything shown comes from its
-files: status.json, metrics.jsonl, .hydra/overrides.yaml and .hydra/config.yaml.
+files: status.json, metrics.jsonl, .hydra/overrides.yaml and .hydra/config.yaml. Debug runs
+(outputs/debug/) are listed when their folder is named: python -m nanogpt.runs outputs/debug
 """
 
 import argparse
@@ -21,10 +22,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nanogpt.rundir import pid_alive, read_metrics, read_status
+from nanogpt.rundir import DEBUG, pid_alive, read_metrics, read_status
 
 DEFAULT_FOLDERS = ("outputs", "multirun")
-SKIP = {".hydra", ".submitit", "wandb"}  # never hold run folders: don't walk them
+SKIP = {".hydra", ".submitit", "wandb", "tensorboard", DEBUG}  # hold no runs, or debug runs: listed only when named
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 Each tracker is one `start_*` function, named by its config's `_target_`, that returns an object
 with `run_id` (kept in the checkpoint, so a resumed run continues the same tracker run), `log` and
-`finish`, or None when it cannot start. Only rank 0 has trackers. A tracker failure never stops a
-run: it warns once, falls back (wandb: to offline, then to nothing) and training goes on;
-metrics.jsonl in the run folder has every record either way.
+`finish`, or None when it cannot start. It is called with the composed config, the run, its
+tracker's saved run id and the iteration a resumed run continues from. Only rank 0 has trackers.
+Every tracker gets every record of metrics.jsonl. A tracker failure never stops a run: it warns
+once, falls back (wandb: to offline, then to nothing) and training goes on; metrics.jsonl in the
+run folder has every record either way.
 
 Adding a tracker: a start function and its class here, a schema in nanogpt/config.py, a YAML in
 conf/logger/ with `# @package logger.<name>`.
@@ -15,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Protocol
 
-from nanogpt.config import WandbConfig, build
+from nanogpt.config import TensorBoardConfig, WandbConfig, build
 from nanogpt.rundir import MetricsLog, RunInfo
 
 log = logging.getLogger("nanogpt")
@@ -52,9 +54,11 @@ class Recorder:
             tracker.finish(exit_code, summary)
 
 
-def start_trackers(configs: dict, *, config: dict, run: RunInfo, resume_ids: dict[str, str]) -> dict[str, Tracker]:
+def start_trackers(configs: dict, *, config: dict, run: RunInfo, resume_ids: dict[str, str],
+                   resume_iter: int | None = None) -> dict[str, Tracker]:
     """Start each tracker of the `logger` group; those that cannot start are left out."""
-    started = {name: build(c, config=config, run=run, resume_id=resume_ids.get(name)) for name, c in configs.items()}
+    started = {name: build(c, config=config, run=run, resume_id=resume_ids.get(name), resume_iter=resume_iter)
+               for name, c in configs.items()}
     return {name: t for name, t in started.items() if t is not None}
 
 
@@ -95,9 +99,11 @@ def run_name(run: RunInfo) -> str:
     return " ".join([run.job_name, *run.overrides]) if run.overrides else f"{run.job_name} {Path(run.run_dir).name}"
 
 
-def start_wandb(cfg: WandbConfig, *, config: dict, run: RunInfo, resume_id: str | None) -> WandbTracker | None:
+def start_wandb(cfg: WandbConfig, *, config: dict, run: RunInfo, resume_id: str | None,
+                resume_iter: int | None = None) -> WandbTracker | None:
     """A wandb run, or None. An online start that fails (no network, no key) falls back to
-    offline; one warning says what happened."""
+    offline; one warning says what happened. A resumed run continues by its id (resume_iter is
+    not needed: charts follow "iter", and re-logged iterations replace the killed run's)."""
     if cfg.mode == "disabled":
         return None
     try:
@@ -134,3 +140,67 @@ def start_wandb(cfg: WandbConfig, *, config: dict, run: RunInfo, resume_id: str 
         return tracker
     log.warning(f"wandb is off for this run ({'; '.join(f'{m}: {e}' for m, e in errors.items())}); metrics.jsonl still has everything")
     return None
+
+
+class TensorBoardTracker:
+    """A SummaryWriter: each record's numbers as scalars named <kind>/<key> (train/loss,
+    eval/val_loss) at step "iter", the config as hyper-parameters."""
+
+    run_id = None  # the run folder holds its event files: nothing to continue by id
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.failed = False
+
+    def log(self, record: dict) -> None:
+        if self.failed:
+            return
+        try:
+            for key, value in record.items():
+                if key not in ("iter", "kind") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["iter"])
+            self.writer.flush()  # seen at once in TensorBoard, and a killed run keeps what it logged
+        except Exception as e:
+            self.failed = True
+            log.warning(f"TensorBoard logging failed ({type(e).__name__}: {e}); metrics.jsonl still has everything")
+
+    def finish(self, exit_code: int = 0, summary: dict | None = None) -> None:
+        self.writer.close()
+
+
+def start_tensorboard(cfg: TensorBoardConfig, *, config: dict, run: RunInfo, resume_id: str | None,
+                      resume_iter: int | None) -> TensorBoardTracker | None:
+    """A SummaryWriter in <run folder>/tensorboard, or None when tensorboard is not installed.
+    Opened with purge_step: TensorBoard drops the events the folder holds from that step on,
+    which a killed run logged after its checkpoint and its resume logs again."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        log.warning(f"TensorBoard is off for this run ({e}): pip install -e '.[tensorboard]'; "
+                    "metrics.jsonl still has everything")
+        return None
+    # metrics.jsonl keeps a resumed run's records up to its checkpoint's iteration, included
+    writer = SummaryWriter(str(Path(run.run_dir) / "tensorboard"), purge_step=0 if resume_iter is None else resume_iter + 1)
+    if resume_iter is None:
+        write_hparams(writer, config)
+    log.info(f"TensorBoard: tensorboard --logdir {writer.log_dir}")
+    return TensorBoardTracker(writer)
+
+
+def write_hparams(writer, config: dict) -> None:
+    """The config, flattened (model.n_layer, optim.learning_rate, ...), into the writer's own run
+    (SummaryWriter.add_hparams would make a run folder of its own), tied to the val loss."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif value is not None:
+                flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk(config, "")
+    for summary in hparams(flat, {"eval/val_loss": None}):
+        writer.file_writer.add_summary(summary)

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from nanogpt import distributed
 from nanogpt.checkpoint import BEST, Checkpointer, TrainState, load_model, model_from_state, resume_state
 from nanogpt.config import SystemConfig, TrainConfig, build
-from nanogpt.device import autocast, configure_backends, resolve_device, resolve_dtype, use_compile
+from nanogpt.debug import instruments, oom_snapshot, read_back, train_batches
+from nanogpt.device import autocast, configure_backends, memory_mb, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import Diverged, Interrupted, UserError
 from nanogpt.evaluation import Evaluator
@@ -64,7 +65,7 @@ def train(config: TrainConfig, run: RunInfo, hold_lock: bool = True) -> float:
 
 def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> float:
     run_dir = open_run_dir(run, dist)
-    with recorded_status(run_dir, dist):
+    with recorded_status(run_dir, dist), oom_snapshot(config.debug.memory_history, run_dir, dist.rank):
         device, dtype = set_up_rank(config.system, dist)
 
         # 2) what: the data (rank 0 prepares it on first use), the model, wrapped for this world
@@ -97,26 +98,32 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         state.tracker_ids = recorder.run_ids()
         log_setup(config, training, state, run_dir, dist)
 
-        # 5) the loop
+        # 5) the loop, inside the debug presets' instruments (profiler, anomaly checks)
         try:
-            return loop(config, training, loader, evaluator, lr_scale, state, checkpointer, recorder, dist, run_dir)
+            with instruments(config.debug, raw_model, device, run_dir, dist.rank) as after_step:
+                best = loop(config, training, loader, evaluator, lr_scale, state, checkpointer, recorder, dist, run_dir,
+                            after_step)
         finally:
             # DDP's reducer holds the process group: freed after teardown, it would run gloo's
             # destructor with the GIL held while gloo's worker thread waits for the GIL (a hang at
             # exit, about one run in 15). Freed here, the group is still registered and outlives it.
             training.model = None
+        if config.debug.read_back:
+            read_back(run_dir, raw_model, data.meta, config.debug.sample_tokens, dist.is_main)
+        return best
 
 
 def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None, lr_scale: Callable[[int], float],
          state: TrainState, checkpointer: Checkpointer, recorder: Recorder, dist: distributed.DistInfo,
-         run_dir: Path) -> float:
-    """Iterations state.iter_num .. max_iters; returns the best val loss."""
+         run_dir: Path, after_step: Callable[[], None] | None = None) -> float:
+    """Iterations state.iter_num .. max_iters; returns the best val loss. after_step follows each
+    training step (the profiler's step)."""
     resume_hint = f"resume with: python train.py resume={run_dir}"
     start_iter = state.iter_num
     tokens = tokens_per_iter(config, t.raw_model.config.block_size)
     progress = Progress(config, t, tokens, dist, start_iter)
     bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
-    batches = loader.train_batches(start_iter)
+    batches = train_batches(loader, start_iter, overfit=config.debug.overfit)
     exit_code = 0
     try:
         with StopSignals() as stop:
@@ -159,7 +166,7 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
 
                 t_step = time.perf_counter()
                 set_lr(t.optimizers, lr_scale(it))
-                loss, grad_norm, finite = train_step(t, batches, skip_nonfinite=config.nan_policy == "skip")
+                loss, grad_norm, finite = train_step(t, batches, config.nan_policy == "skip", after_step)
                 if config.nan_policy == "stop":
                     bad_iter.masked_fill_((bad_iter < 0) & ~finite, it + 1)  # a scalar fill: no host-to-device copy
                 elif not finite.item():
@@ -334,10 +341,12 @@ def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_di
     trackers (continuing their runs); other ranks record nothing."""
     if not dist.is_main:
         return Recorder()
-    metrics = MetricsLog(run_dir, resume_iter=resumed.iter_num if resumed else None)
+    resume_iter = resumed.iter_num if resumed else None
+    metrics = MetricsLog(run_dir, resume_iter=resume_iter)
     log.info(f"config:\n{OmegaConf.to_yaml(config_dict).rstrip()}")
     ids = resumed.tracker_ids if resumed else {}
-    return Recorder(metrics, start_trackers(config.logger, config=config_dict, run=run, resume_ids=ids))
+    return Recorder(metrics, start_trackers(config.logger, config=config_dict, run=run, resume_ids=ids,
+                                            resume_iter=resume_iter))
 
 
 def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path, dist: distributed.DistInfo) -> None:
@@ -380,14 +389,17 @@ class Progress:
             startup = "" if self.startup_s is None else f"start-up {self.startup_s:.1f} s to the first iteration; "
             log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
             self.first = False
+        mem = memory_mb(self.t.device)  # rank 0's
+        mem_text = (f"{mem['mem_allocated_mb']:,.0f}/{mem['mem_reserved_mb']:,.0f} MiB allocated/reserved"
+                    if "mem_reserved_mb" in mem else f"{mem['mem_peak_mb']:,.0f} MiB peak rss")
         log.info(
             f"iter {done}/{self.config.max_iters}: loss {loss_f:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-            f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {_hms((self.config.max_iters - done) * dt)}"
+            f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, {mem_text}, eta {_hms((self.config.max_iters - done) * dt)}"
         )
         self.restart(done)  # the peak's measurement is not training time
         return {"iter": done, "kind": "train", "loss": loss_f, "lr": lr, "grad_norm": grad_norm.item(),
                 "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu, "tokens": done * self.tokens_per_iter,
-                "train_time_s": state.train_time_s}
+                "train_time_s": state.train_time_s, **mem}
 
 
 @torch.no_grad()

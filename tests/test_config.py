@@ -9,7 +9,7 @@ from conftest import CONF, ROOT, compose_cfg, run_script
 from nanogpt.config import SCHEMAS, to_train_config
 from nanogpt.errors import UserError
 
-GROUPS = ["model", "data", "optim", "schedule", "system", "logger", "experiment"]
+GROUPS = ["model", "data", "optim", "schedule", "system", "logger", "experiment", "debug"]
 
 
 def options(group: str) -> list[str]:
