@@ -1,14 +1,21 @@
-"""wandb tracking of a real tiny run (offline), its resume, its failures; the console and metrics.jsonl."""
+"""wandb and TensorBoard tracking of a real tiny run (wandb offline), its resume, its failures; the
+console and metrics.jsonl."""
 
 import json
 import logging
+import signal
 import struct
+import sys
 
+import numpy as np
 import pytest
 
-from nanogpt.config import WandbConfig
+from faults import PAUSE_BEFORE_CHECKPOINT_RENAME, inject
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.config import TensorBoardConfig, WandbConfig
 from nanogpt.rundir import RunInfo, read_metrics
-from nanogpt.tracking import WandbTracker, start_trackers, start_wandb
+from nanogpt.tracking import WandbTracker, start_tensorboard, start_trackers, start_wandb
+from test_reliability import start, train_cmd, wait_for
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # wandb keys are 40 hex characters
 WANDB = ["logger=wandb", "logger.wandb.mode=offline"]
@@ -69,7 +76,8 @@ def test_offline_wandb_run_has_config_summary_and_resumes_the_same_run(train_run
 
     # metrics.jsonl: the documented keys, iterations in order
     records = read_metrics(run_dir)
-    train_keys = {"iter", "kind", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu", "tokens", "train_time_s"}
+    train_keys = {"iter", "kind", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu", "tokens", "train_time_s",
+                  "mem_peak_mb"}
     assert all(set(r) == train_keys for r in records if r["kind"] == "train")
     evals = [r for r in records if r["kind"] == "eval"]
     assert all(set(r) == {"iter", "kind", "train_loss", "val_loss", "tokens", "train_time_s"} for r in evals)
@@ -147,3 +155,59 @@ def test_logger_none_and_disabled_build_no_tracker(tmp_path, tiny_config):
     run = RunInfo(str(tmp_path))
     assert start_trackers(tiny_config("logger=none").logger, config={}, run=run, resume_ids={}) == {}
     assert start_wandb(WandbConfig(mode="disabled"), config={}, run=run, resume_id=None) is None
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) pairs as TensorBoard itself reads the event files, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tensorboard_matches_metrics(run_dir) -> None:
+    """TensorBoard holds every value of metrics.jsonl once, as <kind>/<key> at its iteration, in
+    float32 (what TensorBoard stores); and the config as hyper-parameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    expected = {}
+    for r in read_metrics(run_dir):
+        for key, value in r.items():
+            if key not in ("iter", "kind"):
+                expected.setdefault(f"{r['kind']}/{key}", []).append((r["iter"], float(np.float32(value))))
+    assert tensorboard_scalars(run_dir) == expected
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert hparams.session_start_info.hparams["model.n_layer"].number_value == 2
+
+
+@pytest.mark.slow
+def test_tensorboard_after_a_kill_and_a_resume_holds_each_step_once(train_run, tmp_path, data_root):
+    """A run killed after logging iterations past its checkpoint logs them again when resumed:
+    TensorBoard shows each once (the writer's purge_step), with metrics.jsonl's values."""
+    run_dir, args = tmp_path / "run", ["logger=tensorboard", "eval_interval=5", "log_interval=1"]
+    train_run(*args, "max_iters=5")
+    # resumed, it pauses in its next save (iteration 10) with iterations 6-10 logged; killed there
+    proc = start(train_cmd(data_root, run_dir, *args, "max_iters=20"), tmp_path,
+                 env=inject(tmp_path, PAUSE_BEFORE_CHECKPOINT_RENAME))
+    wait_for(lambda: (run_dir / "ckpt.pt.paused").exists() or proc.poll() is not None, what="the save at iteration 10")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(run_dir / "ckpt.pt")["iter_num"] == 5
+    assert [step for step, _ in tensorboard_scalars(run_dir)["train/loss"]] == list(range(1, 11))
+
+    train_run(*args, "max_iters=15")
+    assert [step for step, _ in tensorboard_scalars(run_dir)["train/loss"]] == list(range(1, 16))
+    assert [step for step, _ in tensorboard_scalars(run_dir)["eval/val_loss"]] == [5, 10, 15]
+    tensorboard_matches_metrics(run_dir)
+
+
+def test_tensorboard_not_installed_warns_and_gives_no_tracker(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import fails, as without the package
+    with caplog.at_level(logging.WARNING, logger="nanogpt"):
+        tracker = start_tensorboard(TensorBoardConfig(), config={}, run=RunInfo(str(tmp_path)), resume_id=None,
+                                    resume_iter=None)
+    assert tracker is None and "pip install -e '.[tensorboard]'" in caplog.text
