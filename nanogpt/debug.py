@@ -47,15 +47,15 @@ def _first_iteration_repeated(loader) -> Iterator[tuple[torch.Tensor, torch.Tens
 
 
 @contextmanager
-def instruments(debug: DebugConfig, model: GPT, device: torch.device, run_dir: Path,
-                rank: int) -> Iterator[Callable[[], None] | None]:
-    """Around the loop: anomaly detection and the non-finite checks, the profiler. Yields what to
-    call after each training step (the profiler's step), or None."""
+def instruments(debug: DebugConfig, model: GPT, device: torch.device, run_dir: Path, rank: int,
+                start_iter: int) -> Iterator[Callable[[], None] | None]:
+    """Around the loop, which starts at start_iter: anomaly detection and the non-finite checks, the
+    profiler. Yields what to call after each training step (the profiler's step), or None."""
     with ExitStack() as stack:
         if debug.anomaly:
             stack.enter_context(torch.autograd.detect_anomaly())
             stack.enter_context(nonfinite_checks(model))
-        yield stack.enter_context(profiling(debug.profile, device, run_dir, rank)) if debug.profile else None
+        yield stack.enter_context(profiling(debug.profile, device, run_dir, rank, start_iter)) if debug.profile else None
 
 
 @contextmanager
@@ -82,10 +82,13 @@ def nonfinite_checks(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def profiling(p: ProfileConfig, device: torch.device, run_dir: Path, rank: int) -> Iterator[Callable[[], None]]:
-    """torch.profiler on this rank over steps wait+warmup+1 .. wait+warmup+active; yields its
-    step. When the window closes: trace_rank<r>.json (Chrome trace format, opened by Perfetto) and
-    the operators taking the most time, by their own time (not their callees')."""
+def profiling(p: ProfileConfig, device: torch.device, run_dir: Path, rank: int,
+              start_iter: int) -> Iterator[Callable[[], None]]:
+    """torch.profiler on this rank over the training steps wait+warmup+1 .. wait+warmup+active
+    after start_iter; yields its step. When the window closes: trace_rank<r>.json (Chrome trace
+    format, opened by Perfetto) and the operators taking the most time, by their own time (not
+    their callees')."""
+    first = start_iter + p.wait + p.warmup + 1  # as the log lines count: "iter n" follows the n-th step
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     trace = Path(run_dir) / f"trace_rank{rank}.json"
@@ -94,7 +97,7 @@ def profiling(p: ProfileConfig, device: torch.device, run_dir: Path, rank: int) 
         prof.export_chrome_trace(str(trace))
         table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                           row_limit=p.row_limit)
-        log.info(f"profile of steps {p.wait + p.warmup + 1}-{p.wait + p.warmup + p.active} in {trace}: "
+        log.info(f"profile of iterations {first}-{first + p.active - 1} in {trace}: "
                  f"open it in https://ui.perfetto.dev (or chrome://tracing)\n{table}")
 
     schedule = torch.profiler.schedule(wait=p.wait, warmup=p.warmup, active=p.active, repeat=1)

@@ -100,7 +100,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
 
         # 5) the loop, inside the debug presets' instruments (profiler, anomaly checks)
         try:
-            with instruments(config.debug, raw_model, device, run_dir, dist.rank) as after_step:
+            with instruments(config.debug, raw_model, device, run_dir, dist.rank, state.iter_num) as after_step:
                 best = loop(config, training, loader, evaluator, lr_scale, state, checkpointer, recorder, dist, run_dir,
                             after_step)
         finally:

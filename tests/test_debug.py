@@ -76,6 +76,8 @@ def test_profile_writes_a_trace_of_the_models_matmuls_and_a_table(data_root, tmp
     assert {"aten::linear", "aten::mm"} <= names
     p = config.debug.profile
     assert {f"ProfilerStep#{s}" for s in range(p.wait + p.warmup, p.wait + p.warmup + p.active)} <= names
+    first = p.wait + p.warmup + 1  # counted as the log lines count: "iter n" follows the n-th step
+    assert f"profile of iterations {first}-{first + p.active - 1} in {tmp_path / 'trace_rank0.json'}" in caplog.text
     table = caplog.text.split("trace_rank0.json: open it in https://ui.perfetto.dev")[1]
     assert "Self CPU" in table and "aten::mm" in table
 
