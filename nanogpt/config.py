@@ -221,7 +221,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run
+    init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run (not a debug run)
     start: str = valid("\n", Exists(prefix="FILE:"))  # the prompt, or FILE:path to read it from a file
     prompts_file: str | None = valid(None, Exists())  # instead of start: one prompt a line, each with num_samples samples
     num_samples: int = valid(3, POSITIVE)  # per prompt, decoded as one batch

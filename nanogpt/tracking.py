@@ -165,24 +165,30 @@ class TensorBoardTracker:
             log.warning(f"TensorBoard logging failed ({type(e).__name__}: {e}); metrics.jsonl still has everything")
 
     def finish(self, exit_code: int = 0, summary: dict | None = None) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except Exception as e:
+            log.warning(f"TensorBoard close failed ({type(e).__name__}: {e})")
 
 
 def start_tensorboard(cfg: TensorBoardConfig, *, config: dict, run: RunInfo, resume_id: str | None,
                       resume_iter: int | None) -> TensorBoardTracker | None:
-    """A SummaryWriter in <run folder>/tensorboard, or None when tensorboard is not installed.
-    Opened with purge_step: TensorBoard drops the events the folder holds from that step on,
-    which a killed run logged after its checkpoint and its resume logs again."""
+    """A SummaryWriter in <run folder>/tensorboard, or None when it cannot start (tensorboard not
+    installed, the folder not writable). Opened with purge_step: TensorBoard drops the events the
+    folder holds from that step on, which a killed run logged after its checkpoint and its resume
+    logs again."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        log.warning(f"TensorBoard is off for this run ({e}): pip install -e '.[tensorboard]'; "
-                    "metrics.jsonl still has everything")
+
+        # metrics.jsonl keeps a resumed run's records up to its checkpoint's iteration, included
+        purge_step = 0 if resume_iter is None else resume_iter + 1
+        writer = SummaryWriter(str(Path(run.run_dir) / "tensorboard"), purge_step=purge_step)
+        if resume_iter is None:
+            write_hparams(writer, config)
+    except Exception as e:
+        hint = ": pip install -e '.[tensorboard]'" if isinstance(e, ImportError) else ""
+        log.warning(f"TensorBoard is off for this run ({type(e).__name__}: {e}){hint}; metrics.jsonl still has everything")
         return None
-    # metrics.jsonl keeps a resumed run's records up to its checkpoint's iteration, included
-    writer = SummaryWriter(str(Path(run.run_dir) / "tensorboard"), purge_step=0 if resume_iter is None else resume_iter + 1)
-    if resume_iter is None:
-        write_hparams(writer, config)
     log.info(f"TensorBoard: tensorboard --logdir {writer.log_dir}")
     return TensorBoardTracker(writer)
 

@@ -15,7 +15,7 @@ from nanogpt.device import memory_mb
 from nanogpt.errors import Diverged
 from nanogpt.rundir import RunInfo, read_metrics, read_status
 from nanogpt.runs import find_runs
-from test_tracking import WANDB, tensorboard_matches_metrics
+from test_tracking import WANDB, offline_run, tensorboard_matches_metrics
 
 # the tiny model on a CPU; unlike conftest's TINY, the preset chooses the iterations and intervals
 SMALL = ["model=tiny", "system=cpu", "data.batch_size=4"]
@@ -41,7 +41,8 @@ def test_fast_exercises_every_part_once_and_is_never_the_newest_run(tmp_path, da
     read_back = re.search(r"debug.read_back: \S+ckpt.pt holds the trained weights \(\d+ tensors\); sampled from it: '(.*)'",
                           proc.stdout)
     assert read_back and len(read_back.group(1)) == 20, proc.stdout[-2000:]  # characters: a token each
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")  # both trackers got every record
+    assert [h["iter"] for h in offline_run(wandb_run)["history"]] == [r["iter"] for r in records]
     tensorboard_matches_metrics(run_dir)
     assert read_status(run_dir)["status"] == "finished"
 
