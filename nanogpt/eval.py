@@ -20,12 +20,11 @@ from omegaconf import DictConfig
 from nanogpt import distributed
 from nanogpt.checkpoint import find_newest_run, load_model
 from nanogpt.cli import job, run_cli
-from nanogpt.config import TrainConfig, build, to_train_config
+from nanogpt.config import BitsPerByteConfig, TrainConfig, build, to_train_config
 from nanogpt.data import split_streams
 from nanogpt.device import autocast, resolve_device
 from nanogpt.errors import UserError
 from nanogpt.evaluation import Evaluator
-from nanogpt.tasks import BitsPerByteTask
 from nanogpt.tokenizer import definition, tokenizer_from_meta
 from nanogpt.trainer import set_up_rank
 
@@ -64,7 +63,7 @@ def evaluate(config: TrainConfig, out_dir: Path | None) -> dict:
 
 def data_streams(config: TrainConfig, meta: dict, dist: distributed.DistInfo) -> dict:
     """The data group's splits, prepared on first use, when a task reads them (bpb)."""
-    if not any(c._target_.endswith(BitsPerByteTask.__name__) for c in config.eval.tasks.values()):
+    if not any(isinstance(c, BitsPerByteConfig) for c in config.eval.tasks.values()):
         return {}
     data = build(config.data)
     if dist.is_main:

@@ -113,7 +113,7 @@ def bits_per_byte(model: torch.nn.Module, stream: TokenStream, token_bytes: torc
     windows = min(max(tokens // block_size, 1), (stream.size - 1) // block_size)
     mine = np.arange(dist.rank, windows, dist.world_size) * block_size
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, tokens
-    for b in range(math.ceil(math.ceil(windows / dist.world_size) / batch_size)):  # the same count on every rank
+    for b in range(pass_count(math.ceil(len(mine) / batch_size), dist, device)):
         starts = mine[b * batch_size : (b + 1) * batch_size]
         if len(starts):
             w = torch.from_numpy(stream.windows(starts, block_size + 1))
@@ -146,7 +146,9 @@ class Evaluator:
                 task.fetch()
         distributed.broadcast_object(None, dist)
         self.rendered = {name: render_all(t, tokenizer, block_size) for name, t in choice_tasks.items()}
-        self.token_bytes = torch.from_numpy(np.pad(tokenizer.token_bytes(), (0, max(vocab_size - tokenizer.vocab_size, 0))))
+        if any(isinstance(t, BitsPerByteTask) for t in self.tasks.values()):  # bpb only: a fraction of a second for GPT-2
+            padding = (0, max(vocab_size - tokenizer.vocab_size, 0))
+            self.token_bytes = torch.from_numpy(np.pad(tokenizer.token_bytes(), padding))
 
     def __call__(self, model: torch.nn.Module, device: torch.device, ctx) -> dict[str, float]:
         """Every task's metrics, named <task>/<metric> (bpb: the task's name)."""
