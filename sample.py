@@ -56,7 +56,7 @@ def main(cfg) -> None:
     device = resolve_device(system)
     ctx = autocast(device, resolve_dtype(system, device))
 
-    model, meta = load_model(c.init_from or newest_run(c.runs_root))
+    model, meta = load_model(c.init_from or newest_run(c.runs_root), trusted=c.extensions)
     tokenizer = tokenizer_from_meta(meta or {"tokenizer": "gpt2"})  # GPT-2 and nanoGPT's checkpoints: GPT-2 BPE
     model.eval().to(device)
     if c.compile:

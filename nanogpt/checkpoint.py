@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,9 @@ from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import GPT2_NAMES, load_pretrained
 from nanogpt.rundir import DEBUG
+from nanogpt.targets import NotTrusted, covered, option_type, resolve
 
+GPT_TARGET = GPTConfig._target_  # nanoGPT's checkpoints and ours before model targets: the GPT
 LAST, BEST = "ckpt.pt", "best.pt"
 SHARDED = "ckpt"  # the folder of a sharded run's step folders and pointers
 POINTERS = {LAST: "latest", BEST: "best"}
@@ -277,34 +280,47 @@ def weights_file(path: Path) -> Path | None:
     return latest_checkpoint(path, BEST) or latest_checkpoint(path, LAST)
 
 
-def checkpoint_model(path: Path) -> tuple[GPT, dict | None]:
-    """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta."""
+def checkpoint_model(path: Path, trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
+    """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta; a
+    model class of someone's package only when its module is trusted (model_from_state)."""
     file = weights_file(path)
     if file is None:
         raise UserError(f"no checkpoint in {path}")
     state = read_checkpoint(file)
     if "model_args" not in state or not ("model" in state or "sharded_from" in state):
         raise UserError(f"{file} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
-    return model_from_state(state), state.get("meta")
+    return model_from_state(state, trusted=trusted, where=str(file)), state.get("meta")
 
 
-def load_model(source: str, model: GPTConfig | None = None) -> tuple[GPT, dict | None]:
+def load_model(source: str, model: GPTConfig | None = None, trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
     """The weights `init_from` names, on the CPU, and the vocabulary they were trained on (a data
     folder's meta; None for GPT-2 and Hugging Face weights, which use GPT-2's BPE):
     - a run folder or a checkpoint file, ours or nanoGPT's;
     - gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder.
     Hugging Face weights take `model`'s dropout and a shorter block_size (a checkpoint is loaded as
-    it was saved)."""
+    it was saved, its model class imported only when `trusted` covers it: targets.trusted_names)."""
     path = Path(source).expanduser()
     if source not in GPT2_NAMES and (path.suffix == ".pt" or (path.is_dir() and weights_file(path) is not None)):
-        return checkpoint_model(path)
+        return checkpoint_model(path, trusted)
+    if model is not None and model._target_ != GPT_TARGET:
+        raise UserError(f"init_from={source} loads GPT-2 weights into nanogpt's GPT, not model._target_={model._target_}")
     return load_pretrained(source, model or GPTConfig()), None
 
 
-def model_from_state(state: dict, read_shards: bool = True) -> GPT:
+def model_from_state(state: dict, read_shards: bool = True, trusted: Sequence[str] = (),
+                     where: str = "the checkpoint") -> nn.Module:
     """The whole model of a checkpoint; a sharded one's shards are read into it in this process
-    (read_shards=False: the trainer reads them into its own, maybe sharded, model, with every rank)."""
-    model = GPT(GPTConfig(**state["model_args"]))
+    (read_shards=False: the trainer reads them into its own, maybe sharded, model, with every rank).
+    The class is the one its model_args record (nanoGPT's and older ones: GPT); another than
+    nanogpt's GPT is imported only when `trusted` covers it (a run folder is data, not code)."""
+    target = state["model_args"].get("_target_", GPT_TARGET)
+    if target != GPT_TARGET and not covered(target, trusted):
+        raise NotTrusted(target, where)
+    cls = resolve(target, "model")
+    schema = option_type(cls)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and schema is not None):
+        raise UserError(f"{where} names {target} as its model, which is not a model class with a config dataclass")
+    model = cls(schema(**state["model_args"]))
     if "sharded_from" in state:
         if not read_shards:
             return model
@@ -361,7 +377,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def consolidate(source: Path, out: Path) -> Path:
+def consolidate(source: Path, out: Path, trusted: Sequence[str] = ()) -> Path:
     """A sharded checkpoint (a run folder or a step folder) as one file in ckpt.pt's format: the
     whole model and the train state, loadable with weights_only=True. Optimizer state stays in
     the shards (a resume reads them there)."""
@@ -369,7 +385,7 @@ def consolidate(source: Path, out: Path) -> Path:
     if step is None or not step.is_dir():
         raise UserError(f"{source} holds no sharded checkpoint (no {SHARDED}/latest)")
     state = read_checkpoint(step)
-    model = model_from_state(state)
+    model = model_from_state(state, trusted=trusted, where=str(step))
     del state["sharded_from"]
     save_checkpoint(state | {"model": model.state_dict()}, out)
     return out
@@ -384,9 +400,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["consolidate"])
     parser.add_argument("source", type=Path, help="a run folder (its best, else latest, checkpoint) or a step folder")
     parser.add_argument("out", type=Path, help="the .pt file to write")
+    parser.add_argument("--extensions", nargs="+", default=[], metavar="PACKAGE",
+                        help="your packages, whose model class the checkpoint may name")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {consolidate(args.source, args.out)}")
+        print(f"wrote {consolidate(args.source, args.out, args.extensions)}")
+    except NotTrusted as e:
+        print(f"error: {e}".replace(f"extensions=[{e.package}]", f"--extensions {e.package}"), file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

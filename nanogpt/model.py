@@ -16,10 +16,12 @@ from torch.nn import functional as F
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Rule, check, valid
 from nanogpt.dropout import Dropout
 from nanogpt.errors import UserError
+from nanogpt.protocol import ParamGroup, default_param_groups
 
 
 @dataclass
 class GPTConfig:
+    _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
     block_size: int = valid(1024, POSITIVE)  # longest context the model attends over
     vocab_size: int | None = valid(None, POSITIVE)  # None: taken from the data's vocabulary
     vocab_pad_multiple: int = valid(1, POSITIVE)  # pad the vocabulary to a multiple of this (64: GPT-2's 50304, faster matmuls)
@@ -172,6 +174,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2, and the reference implementation of the model protocol (nanogpt.protocol)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:
@@ -215,6 +219,16 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated layers: FSDP shards each, activation checkpointing wraps each."""
+        return self.transformer.h
+
+    def param_groups(self) -> list[ParamGroup]:
+        """How every optimizer treats each parameter (nanogpt.protocol.ParamGroup): 2-D weights
+        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon."""
+        return default_param_groups(self)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count, a tied head counted once. non_embedding drops the position embedding,

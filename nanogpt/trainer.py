@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from nanogpt import distributed
 from nanogpt.checkpoint import BEST, Checkpointer, TrainState, load_model, model_from_state, resume_state
-from nanogpt.config import SystemConfig, TrainConfig, build
+from nanogpt.config import SystemConfig, TrainConfig, build, to_dict
 from nanogpt.debug import instruments, oom_snapshot, read_back, train_batches
 from nanogpt.device import autocast, configure_backends, memory_mb, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
@@ -31,7 +31,9 @@ from nanogpt.evaluation import Evaluator
 from nanogpt.flops import peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
+from nanogpt.protocol import as_optimizers, as_schedule, check_model, flops_per_token
 from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status, writer_lock
+from nanogpt.targets import trusted_names
 from nanogpt.tokenizer import definition, tokenizer_from_meta
 from nanogpt.tracking import Recorder, start_trackers
 
@@ -79,7 +81,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         # 3) how: the model built and wrapped for this world, optimizers, loss scaling, schedule, batches
         training = build_training(config, lambda: build_model(config, data.meta, saved), device, dtype, dist)
         raw_model = training.raw_model
-        lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
+        lr_scale = as_schedule(build(config.schedule, learning_rate=config.optim.learning_rate), config.schedule._target_)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
                              rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps)
         # the eval group's tasks, resolved now: a task file that cannot be had stops the run here
@@ -89,7 +91,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
                                   raw_model.config.block_size, loader.streams, dist)
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
-        config_dict = dataclasses.asdict(config)
+        config_dict = to_dict(config)
         checkpointer = Checkpointer(run_dir, raw_model, training.optimizers, training.scaler, dist,
                                     sharded=distributed.sharded(config.system, dist), config=config_dict,
                                     meta=data.meta, provenance=provenance() if dist.is_main else None)
@@ -276,7 +278,7 @@ def build_training(config: TrainConfig, build_model: Callable[[], GPT], device: 
     return Training(
         model=wrapped,
         raw_model=model,
-        optimizers=build(config.optim, model=model, device_type=device.type),
+        optimizers=as_optimizers(build(config.optim, model=model, device_type=device.type), config.optim._target_),
         device=device,
         dtype=dtype,
         micro_steps=per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size),
@@ -300,21 +302,26 @@ def per_rank_micro_steps(gradient_accumulation_steps: int, world_size: int) -> i
 
 def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
     """The model to train: from this run's checkpoint, else from init_from's weights, else new
-    and sized to the data's vocabulary. Checked against the data it will see."""
-    source, trained_on = config.init_from, None
+    and sized to the data's vocabulary. Checked against the model protocol and the data it will see."""
+    source, trained_on, trusted = config.init_from, None, trusted_names(config)
     if saved is not None:
         # a sharded checkpoint's tensors are read later, by every rank (Checkpointer.restore)
-        source, model, trained_on = "this run's checkpoint", model_from_state(saved, read_shards=False), saved.get("meta")
+        model = model_from_state(saved, read_shards=False, trusted=trusted)
+        source, trained_on = "this run's checkpoint", saved.get("meta")
     elif config.init_from == "scratch":
-        model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
+        model = build(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
     else:
-        model, trained_on = load_model(config.init_from, config.model)
+        model, trained_on = load_model(config.init_from, config.model, trusted)
+    check_model(model, model.config._target_ if hasattr(model, "config") else config.model._target_)
     if trained_on and definition(trained_on) != definition(meta):
         raise UserError(
             f"the data folder {config.data.root}/{config.data.name} has a different vocabulary ({meta['tokenizer']}) "
             f"from {source} ({trained_on.get('tokenizer')}): train on the same data"
         )
     if config.model.block_size < model.config.block_size:
+        if not hasattr(model, "crop_block_size"):
+            raise UserError(f"model.block_size={config.model.block_size} is shorter than {source}'s "
+                            f"({model.config.block_size}) and {type(model).__qualname__} has no crop_block_size()")
         model.crop_block_size(config.model.block_size)
     if meta["vocab_size"] > model.config.vocab_size:
         raise UserError(
@@ -355,7 +362,7 @@ def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path
         f"run folder {run_dir}\n"
         f"device {t.device}, dtype {str(t.dtype).replace('torch.', '')}, world size {dist.world_size}, "
         f"compile {use_compile(config.system, t.device)}, threads {torch.get_num_threads()}\n"
-        f"model {t.raw_model.get_num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+        f"model {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M parameters, "
         f"vocabulary {m.vocab_size}, block {m.block_size}\n"
         f"tokens per iteration {tokens_per_iter(config, m.block_size):,} "
         f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {m.block_size})"
@@ -384,7 +391,7 @@ class Progress:
         tok_s = self.tokens_per_iter / dt
         # the peak is measured at the first log line, after the first step: not at start-up
         peak, peak_source = peak_flops(self.t.device, self.t.dtype)
-        mfu = self.t.raw_model.estimate_mfu(tok_s / self.dist.world_size, peak)
+        mfu = flops_per_token(self.t.raw_model) * tok_s / self.dist.world_size / peak
         if self.first:
             startup = "" if self.startup_s is None else f"start-up {self.startup_s:.1f} s to the first iteration; "
             log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
