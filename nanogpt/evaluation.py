@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nanogpt import distributed
 from nanogpt.config import EvalConfig, build
 from nanogpt.shards import TokenStream
+from nanogpt.errors import UserError
 from nanogpt.tasks import BitsPerByteTask, ChoiceTask, Rendered
 from nanogpt.tokenizer import Tokenizer
 
@@ -140,10 +141,14 @@ class Evaluator:
         self.config, self.block_size, self.streams, self.dist = config, block_size, streams, dist
         self.counts: dict[str, dict[str, int]] = {}  # the last run's examples, skipped and cut, by task
         self.tasks = {name: build(c, name=name, cache_dir=config.cache_dir) for name, c in config.tasks.items()}
-        choice_tasks = {name: t for name, t in self.tasks.items() if isinstance(t, ChoiceTask)}
+        choice_tasks = {name: t for name, t in self.tasks.items() if not isinstance(t, BitsPerByteTask)}
+        for name, task in choice_tasks.items():  # a task of one's own: ChoiceTask's examples() and render()
+            if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "render", None))):
+                raise UserError(f"eval.tasks.{name}._target_={config.tasks[name]._target_} built a {type(task).__name__}, "
+                                "which has no examples() and render(): subclass nanogpt.tasks.ChoiceTask")
         if dist.is_main:  # downloads happen once, before the other ranks read the files
             for task in choice_tasks.values():
-                task.fetch()
+                getattr(task, "fetch", lambda: None)()
         distributed.broadcast_object(None, dist)
         self.rendered = {name: render_all(t, tokenizer, block_size) for name, t in choice_tasks.items()}
         if any(isinstance(t, BitsPerByteTask) for t in self.tasks.values()):  # bpb only: a fraction of a second for GPT-2
