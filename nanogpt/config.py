@@ -316,8 +316,8 @@ def typed_options(cfg: DictConfig) -> DictConfig:
     if not untyped:
         return cfg
     cfg = copy.deepcopy(cfg)
-    for parent, k, key in _options(cfg):
-        node = parent[k]
+    for parent, k, prefix in _options(cfg):
+        node, key = parent[k], f"{prefix}{k}"
         schema = option_type(resolve(node._target_, key)) if OmegaConf.get_type(node) is dict else None
         if schema is None:
             continue
