@@ -54,8 +54,8 @@ class GPTConfig:
 def padded_vocab_size(config: GPTConfig, data_vocab_size: int) -> int:
     """The vocabulary a new model gets: its own vocab_size, else the data's, rounded up to a
     multiple of vocab_pad_multiple (64: GPT-2's 50257 -> 50304, faster matmuls)."""
-    vocab = config.vocab_size or data_vocab_size
-    return math.ceil(vocab / config.vocab_pad_multiple) * config.vocab_pad_multiple
+    vocab, multiple = config.vocab_size or data_vocab_size, getattr(config, "vocab_pad_multiple", 1)  # any model's config
+    return math.ceil(vocab / multiple) * multiple
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
