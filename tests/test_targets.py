@@ -54,6 +54,16 @@ def test_a_users_option_is_typed_by_its_builders_dataclass():
     assert "could not be converted to Float" in one_line_error(*conf, "optim.beta1=fast")
 
 
+def test_a_primary_config_of_ones_own_adds_folders_with_hydra_searchpath(tmp_path):
+    (tmp_path / "more" / "optim").mkdir(parents=True)
+    (tmp_path / "more" / "optim" / "lion2.yaml").write_text(f"_target_: {LION}\nlearning_rate: 5e-5\n")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text(
+        f"defaults:\n  - config\n  - _self_\nmax_iters: 7\nhydra:\n  searchpath: [file://{tmp_path / 'more'}]\n")
+    config = convert("--config-dir", str(tmp_path / "conf"), "--config-name", "mine", "optim=lion2")
+    assert isinstance(config.optim, LionConfig) and config.optim.learning_rate == 5e-5 and config.max_iters == 7
+
+
 def write_option(tmp_path, group: str, name: str, text: str):
     (tmp_path / "conf" / group).mkdir(parents=True, exist_ok=True)
     (tmp_path / "conf" / group / f"{name}.yaml").write_text(text)
