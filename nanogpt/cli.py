@@ -75,14 +75,15 @@ def expand_resume(argv: list[str], conf_dir: Path | None = None, config_name: st
     new = [a for a in argv[1:] if not a.startswith("resume=")]
     same_config_folders(run_dir, new, config_name)
     old = [str(o) for o in OmegaConf.load(saved) if _key(str(o)) != "extensions"]  # counts from this command only
+    flags, ours = split_flags(new)
     foreign = foreign_code(saved, old)
     if foreign:
-        extensions = command_extensions([argv[0], *[o for o in old if o not in foreign], *new], conf_dir, config_name)
+        plain = [o for o in old if o not in foreign]
+        extensions = command_extensions([argv[0], *flags, *plain, *ours], conf_dir, config_name)
         for override, targets in foreign.items():
             if not all(covered(t, extensions) for t in targets):
                 raise UserError(f"{saved} holds {override!r}, which would run code of its own choosing: refused; if "
                                 f"that code is yours, add extensions=[{targets[0].split('.')[0]}] to the command")
-    flags, ours = split_flags(new)
     return [argv[0], *flags, *old, *ours, f"hydra.run.dir={run_dir}"], run_dir
 
 

@@ -139,7 +139,7 @@ def test_a_run_folders_target_of_ones_own_package_needs_extensions_from_this_com
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nextensions: [myresearch]\n")
     run = run_folder(tmp_path / "b", "model=tiny", planted, config_dir=tmp_path / "conf", config_name="mine")
-    resume(run, "--config-dir", str(tmp_path / "conf"), "--config-name", "mine")
+    resume(run, "--config-dir", str(tmp_path / "conf"), "--config-name", "mine", "max_iters=3")
 
 
 @pytest.mark.parametrize("planted", ["schedule._target_=builtins.print", "+logger.x={_target_: builtins.print}",
