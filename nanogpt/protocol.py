@@ -67,13 +67,11 @@ class ParamGroup:
     kind: str
     lr_scale: float = 1.0  # this group's peak rate = the option's rate x lr_scale (muP: base_width / width)
     weight_decay_scale: float = 1.0  # its weight decay = the option's x this (0: not decayed)
-    name: str = ""  # for messages and logs; default: the kind
     extra: dict[str, Any] = field(default_factory=dict)  # more torch param-group keys, passed as they are
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"ParamGroup kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        self.name = self.name or self.kind
 
 
 @runtime_checkable
