@@ -12,6 +12,7 @@ finished are left out and counted in their cell's `failed`.
 
 import shlex
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -77,7 +78,7 @@ def group(rows: list[dict], over: list[str] | None = None) -> list[Cell]:
         else:
             cell.failed += 1
     for cell in cells.values():  # the same runs in the same order, however the jobs were split into sweeps
-        cell.runs.sort(key=lambda r: (sorted(set(r["overrides"]) - set(cell.overrides)), str(r.get("folder", r["job"]))))
+        cell.runs.sort(key=lambda r: (sorted(set(r["overrides"]) - set(cell.overrides)), str(r["folder"])))
     return list(cells.values())
 
 
@@ -182,13 +183,11 @@ def _columns(metrics: list[str], baseline: bool, target: bool) -> list[str]:
     return columns
 
 
-_parser = OverridesParser.create()
-
-
+@cache
 def _parse(override: str) -> tuple[str, str]:
     """(key, canonical form): 'optim.learning_rate=1e-3' -> ('optim.learning_rate', 'optim.learning_rate=0.001')."""
     try:
-        [o] = _parser.parse_overrides([override])
+        [o] = OverridesParser.create().parse_overrides([override])
     except HydraException:
         raise UserError(f"{override!r} is not a Hydra override") from None
     value = o.get_value_element_as_str() if o.value() is not None else ""

@@ -10,6 +10,8 @@
 - where a curve first reaches a target, interpolated linearly between two evaluations.
 
 A statistic that needs more runs than there are (an interval of one run) is None, never NaN.
+scipy is imported where it is used: every train.py imports the sweep summary, and scipy.stats
+takes about a second to import.
 """
 
 import math
@@ -19,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 
@@ -51,6 +52,8 @@ def estimate(values: Sequence[float]) -> Estimate:
     n = len(x)
     if n < 2:
         return Estimate(n, float(x[0]) if n else None, None, None, None)
+    from scipy import stats
+
     mean, std = float(x.mean()), float(x.std(ddof=1))
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / math.sqrt(n)
     return Estimate(n, mean, std, mean - half, mean + half)
@@ -60,6 +63,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Difference | None:
     """b against a; None unless each has 2 values or more (a variance)."""
     if len(a) < 2 or len(b) < 2:
         return None
+    from scipy import stats
+
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     with _quiet():
         test = stats.ttest_ind(b, a, equal_var=False)
@@ -89,6 +94,8 @@ def below_target(values: Sequence[float], target: float) -> float | None:
     """One-sided p-value of 'the mean is below target' (Student's t); None under 2 values."""
     if len(values) < 2:
         return None
+    from scipy import stats
+
     with _quiet():
         return _number(stats.ttest_1samp(values, target, alternative="less").pvalue)
 
@@ -99,6 +106,8 @@ def noise_floor(n: int, std: float | None) -> float | None:
     freedom are 2n - 2 and its standard error s sqrt(2/n)."""
     if n < 2 or std is None:
         return None
+    from scipy import stats
+
     return float(stats.t.ppf(0.975, 2 * n - 2) * std * math.sqrt(2 / n))
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
+from omegaconf import OmegaConf
+
 from conftest import ROOT
-from nanogpt.sweep import main
+from nanogpt.sweep import SweepSummary, main
 
 SHARED = ["model=tiny", "max_iters=200"]
 TARGET = 3.3
@@ -143,14 +145,32 @@ def test_bad_input_is_one_line_and_exit_2(sweep, capsys, args, message):
     assert stop.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_a_target_without_val_loss_and_a_folder_without_jobs_exit_2(tmp_path):
+def test_a_target_without_val_loss_and_a_folder_without_jobs_exit_2(tmp_path, capsys):
     for seed in range(2):  # runs that recorded no evaluation
-        job = tmp_path / "sweep" / str(seed)
-        fabricate_job(job, ["model=tiny", f"system.seed={seed}"], [])
-    for args, message in ((["sweep", "--target", "3.28"], "--target 3.28: no finished run has a val loss"),
-                          (["empty"], "no job folders in empty")):
-        (tmp_path / "empty").mkdir(exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "nanogpt.sweep", *args], cwd=tmp_path, capture_output=True, text=True,
-                              env={"PYTHONPATH": str(ROOT), "PATH": ""})
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
-        assert proc.stderr.count("\n") == 1  # no traceback
+        fabricate_job(tmp_path / "sweep" / str(seed), ["model=tiny", f"system.seed={seed}"], [])
+    proc = subprocess.run([sys.executable, "-m", "nanogpt.sweep", "sweep", "--target", "3.28"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 2 and proc.stderr == "error: --target 3.28: no finished run has a val loss (evaluations: eval_interval)\n"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "empty")])
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: no job folders in {tmp_path / 'empty'}: not a sweep folder\n"
+
+
+def test_train_py_does_not_import_scipy_for_the_summary():
+    """Every train.py imports nanogpt.sweep; scipy.stats would add about a second to its start-up."""
+    check = "import sys, nanogpt.sweep; assert not [m for m in sys.modules if m.startswith('scipy')]"
+    subprocess.run([sys.executable, "-c", check], check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+
+def test_the_end_of_a_sweep_reports_a_comparison_that_does_not_fit_and_still_writes_the_cells(sweep, capsys):
+    callback = SweepSummary(over="system.seed", baseline="optim.learning_rate=0.003", target=TARGET)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    callback.on_multirun_start(config)
+    callback.on_multirun_end(config)
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --baseline 'optim.learning_rate=0.003' names no cell") and err.count("\n") == 1
+    assert "cells written without a baseline or target" in err
+    rows = cells_csv(sweep)
+    assert rows["optim.learning_rate=0.001"]["n"] == "3" and "baseline" not in rows["optim.learning_rate=0.001"]
+    assert (sweep / "summary.csv").exists() and "3 cells" in out
