@@ -72,14 +72,16 @@ class SweepSummary(Callback):
 
 def write_pending() -> None:
     """Summarise the sweeps this process started and has not summarised yet. A comparison that
-    does not fit the runs (a baseline naming no cell) is reported, and the cells written without it."""
+    does not fit the runs (a baseline naming no cell) is reported in a line, and the summary
+    written with less: without baseline, target and metric, then with the default cells."""
     while _pending:
         sweep_dir, comparison = _pending.popitem()
-        try:
-            print(write_summary([sweep_dir], comparison=comparison))
-        except UserError as e:
-            print(f"error: {e}; cells written without a baseline or target", file=sys.stderr)
-            print(write_summary([sweep_dir], comparison=Comparison(over=comparison.over)))
+        for how in (comparison, Comparison(over=comparison.over), Comparison()):
+            try:
+                print(write_summary([sweep_dir], comparison=how))
+                break
+            except UserError as e:
+                print(f"error: {e}; the summary is written without it", file=sys.stderr)
 
 
 def write_summary(sweep_dirs: list[Path], sort: str | None = None, comparison: Comparison = Comparison()) -> str:
