@@ -88,8 +88,9 @@ def write_summary(sweep_dirs: list[Path], sort: str | None = None, comparison: C
     """Write each sweep folder's summary.csv and, over all their jobs, the first's cells.csv;
     return the tables to print."""
     rows = {Path(d): summarize(Path(d), sort) for d in sweep_dirs}
-    columns, cells = compare([r for jobs in rows.values() for r in jobs], comparison)  # errors before any write
-    text = [write_jobs(d, jobs) for d, jobs in rows.items()]
+    jobs = {r["folder"].resolve(): r for folder_rows in rows.values() for r in folder_rows}  # a job named twice counts once
+    columns, cells = compare(list(jobs.values()), comparison)  # errors before any write
+    text = [write_jobs(d, folder_rows) for d, folder_rows in rows.items()]
     first = Path(sweep_dirs[0])
     with open(first / CELLS, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
