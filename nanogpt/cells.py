@@ -95,7 +95,8 @@ def find(cells: list[Cell], baseline: str) -> Cell:
     if len(matches) > 1:
         matches = [c for c in matches if _canonical(c) - shared <= wanted] or matches
     if len(matches) != 1:
-        names = "; ".join(" ".join(c.overrides) or "(no overrides)" for c in (matches or cells))
+        names = "; ".join(" ".join(o for o in c.overrides if _parse(o)[1] not in shared) or "(no other overrides)"
+                          for c in (matches or cells))
         what = "names no cell" if not matches else f"matches {len(matches)} cells"
         raise UserError(f"--baseline {baseline!r} {what}; the cells are: {names}")
     return matches[0]

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from nanogpt import stats
 from nanogpt.cells import Cell, group
+from nanogpt.errors import UserError
 from nanogpt.rundir import METRICS, read_metrics, task_scores
 from nanogpt.runs import overrides
 from nanogpt.sweep import summarize
@@ -135,15 +136,16 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: [s.zfill(9) if s.isdigit() else s for s in p.relative_to(sweep_dir).parts])
 
 
-def plot(folder: Path) -> list[Path]:
-    """Write the PNGs of a run or sweep folder into it; return their paths."""
+def plot(folder: Path, over: list[str] | None = None) -> list[Path]:
+    """Write the PNGs of a run or sweep folder into it; return their paths. `over`: the keys a
+    sweep's cells vary in (default: system.seed)."""
     folder = Path(folder)
     if (folder / METRICS).exists():
         figures = run_figures(folder)
     elif sweep_jobs(folder):
-        figures = sweep_figures(folder)
+        figures = sweep_figures(folder, over)
     else:
-        raise FileNotFoundError(f"{folder}: no {METRICS} in it or in folders below it: not a run or sweep folder")
+        raise UserError(f"{folder}: no {METRICS} in it or in folders below it: not a run or sweep folder")
     paths = []
     for name, fig in figures.items():
         fig.savefig(folder / f"{name}.png", dpi=110)
@@ -173,12 +175,14 @@ def _title(fig: Figure, folder: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanogpt.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
+    parser.add_argument("--over", help="the keys a sweep's cells vary in, comma-separated (default: system.seed)")
     args = parser.parse_args(argv)
     for folder in args.folders:
         try:
-            paths = plot(folder)
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
+            paths = plot(folder, args.over.split(",") if args.over else None)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print("\n".join(str(p) for p in paths))
 
 

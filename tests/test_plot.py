@@ -107,3 +107,9 @@ def test_sweep_plot_shows_each_cells_mean_and_interval(sweep):
         f_low, f_high = sp.t.interval(0.95, 2, loc=final.mean(), scale=sp.sem(final))
         assert sorted(segment[:, 0]) == pytest.approx([f_low, f_high], abs=1e-9)
     assert overrides(sweep / "0")[0] in figure.get_suptitle()  # the shared overrides
+
+
+def test_plot_of_a_folder_without_runs_is_an_error(tmp_path):
+    proc = plot_command(tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {tmp_path}: no metrics.jsonl in it or in folders below it: not a run or sweep folder\n"
