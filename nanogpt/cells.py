@@ -87,7 +87,7 @@ def find(cells: list[Cell], baseline: str) -> Cell:
     several do, the one with nothing else that is not shared by every cell. Values compare as
     Hydra parses them (1e-3 is 0.001)."""
     try:
-        wanted = {canonical for _, canonical in map(_parse, shlex.split(baseline))}
+        wanted = {_parse(o, strict=True)[1] for o in shlex.split(baseline)}
     except (UserError, ValueError):
         raise UserError(f"--baseline {baseline!r}: not overrides (key=value, separated by spaces)") from None
     shared = set.intersection(*(_canonical(c) for c in cells)) if cells else set()
@@ -185,12 +185,15 @@ def _columns(metrics: list[str], baseline: bool, target: bool) -> list[str]:
 
 
 @cache
-def _parse(override: str) -> tuple[str, str]:
-    """(key, canonical form): 'optim.learning_rate=1e-3' -> ('optim.learning_rate', 'optim.learning_rate=0.001')."""
+def _parse(override: str, strict: bool = False) -> tuple[str, str]:
+    """(key, canonical form): 'optim.learning_rate=1e-3' -> ('optim.learning_rate', 'optim.learning_rate=0.001').
+    What Hydra cannot parse is an error from the user (strict), else taken as written."""
     try:
         [o] = OverridesParser.create().parse_overrides([override])
     except HydraException:
-        raise UserError(f"{override!r} is not a Hydra override") from None
+        if strict:
+            raise UserError(f"{override!r} is not a Hydra override") from None
+        return override.split("=", 1)[0].lstrip("+~"), override
     value = o.get_value_element_as_str() if o.value() is not None else ""
     return o.key_or_group, f"{o.get_key_element()}={value}"
 
