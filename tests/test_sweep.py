@@ -1,5 +1,6 @@
-"""Sweeps on this machine: the basic launcher, submitit_local, a failing job, an Optuna search.
-The summary table must come from the jobs' own files (status.json, metrics.jsonl, overrides)."""
+"""Sweeps on this machine: the basic launcher, submitit_local, a failing job, an Optuna search,
+and the cells of a seeded sweep (2 learning rates x 3 seeds, shared with test_plot). The summary
+and the cells must come from the jobs' own files (status.json, metrics.jsonl, overrides)."""
 
 import csv
 import os
