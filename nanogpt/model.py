@@ -21,7 +21,6 @@ from nanogpt.protocol import ParamGroup, default_param_groups
 
 @dataclass
 class GPTConfig:
-    _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
     block_size: int = valid(1024, POSITIVE)  # longest context the model attends over
     vocab_size: int | None = valid(None, POSITIVE)  # None: taken from the data's vocabulary
     vocab_pad_multiple: int = valid(1, POSITIVE)  # pad the vocabulary to a multiple of this (64: GPT-2's 50304, faster matmuls)
@@ -38,6 +37,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
     logit_softcap: float = valid(0.0, NON_NEGATIVE)  # >0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # output projections (and an untied head) start at zero: blocks begin as the identity
+    _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
