@@ -311,10 +311,8 @@ def to_config(cfg: DictConfig):
 def typed_options(cfg: DictConfig) -> DictConfig:
     """The config with each untyped option (a YAML without a schema) whose builder names a config
     dataclass converted to it: an unknown key or a wrong type is one line here."""
-    untyped = [(parent, k, f"{prefix}{k}") for parent, k, prefix in _options(cfg)
-               if OmegaConf.get_type(parent[k]) is dict]
-    if not untyped:
-        return cfg
+    if not any(OmegaConf.get_type(parent[k]) is dict for parent, k, _ in _options(cfg)):
+        return cfg  # nanogpt's own options only: typed by their YAML's schema already
     cfg = copy.deepcopy(cfg)
     for parent, k, prefix in _options(cfg):
         node, key = parent[k], f"{prefix}{k}"
