@@ -12,7 +12,6 @@ the loss taken over the choice's tokens only (build-nanogpt's and llm.c's HellaS
 """
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanogpt import jsonl
 from nanogpt.config import BitsPerByteConfig, ChoiceTaskConfig
 from nanogpt.errors import UserError
 from nanogpt.tokenizer import Tokenizer
@@ -37,6 +37,7 @@ class Example:
     choices: list[str]
     label: int
     fewshot: list["Example"] | None = None  # solved examples shown before this one
+    where: str = ""  # file:line, for messages
 
 
 @dataclass
@@ -99,6 +100,10 @@ class ChoiceTask:
                     others = [j for j in random.Random(i).sample(range(len(pool)), min(c.fewshot + 1, len(pool)))
                               if pool[j] is not ex][: c.fewshot]
                     ex.fewshot = [pool[j] for j in others]
+        for ex in chosen:
+            if not ex.context and not ex.fewshot:
+                raise UserError(f"{ex.where}: an empty context and no few-shot examples before it: the choices' "
+                                "first tokens have nothing to be predicted from")
         return chosen
 
     def render(self, ex: Example, tokenizer: Tokenizer, block_size: int) -> Rendered:
@@ -123,28 +128,63 @@ class ChoiceTask:
 
 
 def read_examples(path: Path, format: str) -> list[Example]:
-    """A task file's rows as Examples; `hellaswag`: the official rows (ctx, endings, label)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            try:
-                out.append(_example(row, format))
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path}:{n}: not a {format} row ({type(e).__name__}: {e})") from None
+    """A task file's rows as Examples; `hellaswag`: the official rows (ctx, endings, label). A row
+    that is not a task's example stops with one line naming the file, the line and what is
+    expected; so does a file without examples."""
+    out = [_checked(row, format, f"{path}:{n}") for n, row in jsonl.rows(path)]
+    if not out:
+        raise UserError(f"{path}: no examples: a {format} task file holds one JSON object a line, {ROW_KEYS[format]}")
     return out
 
 
+ROW_KEYS = {"choices": '{"context": str, "choices": [str, ...], "label": int}',
+            "hellaswag": '{"ctx": str, "endings": [str, ...], "label": int}'}
+
+
+def _checked(row: dict, format: str, where: str) -> Example:
+    try:
+        ex = _example(row, format)
+        ex.where = where
+        return ex
+    except (KeyError, TypeError, ValueError) as e:
+        reason = f"no {e} key" if isinstance(e, KeyError) else str(e)
+        raise UserError(f"{where}: {reason}; a {format} row is {ROW_KEYS[format]}") from None
+
+
 def _example(row: dict, format: str) -> Example:
-    if format == "hellaswag":
-        return Example(row["ctx"], list(row["endings"]), int(row["label"]))
-    shots = [_example(s, format) for s in row["fewshot"]] if "fewshot" in row else None
-    ex = Example(row["context"], list(row["choices"]), int(row["label"]), shots)
+    context, choices = ("ctx", "endings") if format == "hellaswag" else ("context", "choices")
+    ex = Example(_text(row[context], context), _choices(row[choices], choices), _label(row["label"]))
     if not 0 <= ex.label < len(ex.choices):
-        raise ValueError(f"label {ex.label} is not one of the {len(ex.choices)} choices")
+        raise ValueError(f"label {ex.label} is not one of the {len(ex.choices)} choices (0 to {len(ex.choices) - 1})")
+    if format != "hellaswag" and "fewshot" in row:
+        if not isinstance(row["fewshot"], list):
+            raise TypeError("fewshot is not a list of solved examples")
+        ex.fewshot = [_example(s, format) for s in row["fewshot"]]
     return ex
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is {type(value).__name__}, not a string")
+    return value
+
+
+def _choices(value, key: str) -> list[str]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise TypeError(f"{key} is not a list of at least two strings")
+    for i, choice in enumerate(value):
+        if not _text(choice, f"{key}[{i}]"):
+            raise ValueError(f"{key}[{i}] is an empty string: an empty choice has no tokens to score")
+    return value
+
+
+def _label(value) -> int:
+    """An int, or a string of one (some copies of HellaSwag store "3")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise TypeError(f"label {value!r} is not the index of a choice")
 
 
 def download(url: str, dest: Path, checksum: str | None) -> None:
