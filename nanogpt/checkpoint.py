@@ -119,6 +119,8 @@ class Checkpointer:
                                 is_main=self.dist.is_main)
         self.scaler.load_state_dict(saved["scaler"])
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
+        if "tracker_ids" not in saved and saved.get("wandb_id"):  # older checkpoints kept wandb's run id alone
+            state.tracker_ids = {"wandb": saved["wandb_id"]}
         if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
         return state

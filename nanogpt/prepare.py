@@ -316,7 +316,7 @@ def main() -> None:
 
     from nanogpt.cli import job, run_cli
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
     @job
     def _main(cfg) -> None:
         from nanogpt.config import to_train_config

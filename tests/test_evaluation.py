@@ -226,6 +226,57 @@ def test_a_missing_task_file_stops_training_before_iteration_0(train_run, tmp_pa
     assert "iter 1" not in proc.stdout
 
 
+GOOD = {"context": "Q", "choices": ["a", "b"], "label": 1}
+BROKEN_TASK_FILES = {  # the lines of a task file, one of them broken; the message expected about it
+    "malformed line": ([GOOD, GOOD, '{"context": "Q", "choices": ["a", "b"], "lab', GOOD], ":3: not JSON ("),
+    "not an object": ([GOOD, '["Q", ["a", "b"], 1]'], ":2: a JSON list, not an object"),
+    "missing key": ([GOOD, {"context": "Q", "choices": ["a", "b"]}], ":2: no 'label' key"),
+    "label outside the choices": ([{**GOOD, "label": 2}], ":1: label 2 is not one of the 2 choices"),
+    "label not an index": ([{**GOOD, "label": True}], ":1: label True is not the index of a choice"),
+    "empty choice": ([GOOD, GOOD, {**GOOD, "choices": ["a", ""]}], ":3: choices[1] is an empty string"),
+    "one choice": ([{**GOOD, "choices": ["a"], "label": 0}], ":1: choices is not a list of at least two strings"),
+    "empty context": ([{**GOOD, "context": ""}], ":1: an empty context and no few-shot examples"),
+    "broken few-shot example": ([{**GOOD, "fewshot": [{**GOOD, "label": 5}]}], ":1: label 5 is not one of"),
+    "empty file": (["", "  "], ": no examples: a choices task file holds one JSON object a line"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_TASK_FILES))
+def test_a_broken_task_file_is_one_line_naming_the_file_and_line(tmp_path, case):
+    lines, expected = BROKEN_TASK_FILES[case]
+    file = tmp_path / "task.jsonl"
+    file.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    task = ChoiceTask(ChoiceTaskConfig(path=str(file)), "mine", "/nonexistent")
+    with pytest.raises(UserError) as e:
+        render_all(task, TiktokenTokenizer("gpt2"), 64)
+    assert str(e.value).startswith(f"{file}{expected}") and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_task_none_of_whose_examples_a_vocabulary_spells_is_refused(tmp_path, hellaswag_file):
+    task = ChoiceTask(ChoiceTaskConfig(path=str(hellaswag_file), format="hellaswag"), "hs", "/nonexistent")
+    with pytest.raises(UserError, match=rf"eval task hs: none of the 5 examples of {hellaswag_file} can be encoded"):
+        render_all(task, CharTokenizer("abc "), 64)
+
+
+def test_a_broken_task_file_stops_training_before_iteration_0(train_run, tmp_path, hellaswag_file):
+    """The whole path, as a user meets it: HellaSwag's file with one row cut short, one line."""
+    rows = hellaswag_file.read_text().splitlines()
+    hellaswag_file.write_text("\n".join([*rows[:3], rows[3][:40], *rows[4:]]) + "\n")
+    proc = train_run("eval=[hellaswag]", "eval.interval=5", f"eval.tasks.hellaswag.path={hellaswag_file}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {hellaswag_file}:4: not JSON (Unterminated string"), line
+    assert "iter 1" not in proc.stdout
+
+
+def test_the_eval_and_prepare_commands_have_help_pages_of_their_own(tmp_path):
+    for module, first_line in [("nanogpt.eval", "python -m nanogpt.eval init_from="),
+                               ("nanogpt.prepare", "python -m nanogpt.prepare data=")]:
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith(first_line), proc.stdout[:300]
+        assert "Train a GPT" not in proc.stdout and "bad_rows: stop" in proc.stdout  # the keys, as composed
+
+
 @pytest.mark.slow
 def test_evaluations_inside_training_resume_and_match_over_two_ranks(tmp_path, data_root):
     """A character-vocabulary run with bpb and a multiple-choice task every 2 iterations; resumed;

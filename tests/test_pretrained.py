@@ -155,8 +155,8 @@ def test_gpt2_by_name_samples_from_the_hugging_face_cache(hf_model, tmp_path):
 def test_export_opens_in_transformers_with_equal_logits(train_run, tmp_path, overrides):
     transformers = pytest.importorskip("transformers")
     train_run(*overrides, "max_iters=2", "eval_interval=2", "eval_iters=1")
-    written = export(tmp_path / "run", tmp_path / "hf")
-    assert sorted(written) == ["config.json", "model.safetensors"]  # a character vocabulary: no GPT-2 tokenizer files
+    written, note = export(tmp_path / "run", tmp_path / "hf")
+    assert sorted(written) == ["config.json", "model.safetensors"] and "characters" in note  # a character vocabulary: no GPT-2 tokenizer files
 
     ours = model_from_state(load_checkpoint(weights_file(tmp_path / "run")))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
