@@ -40,7 +40,7 @@ class DataConfig:
     hf_revision: str | None = None  # a commit or branch: the same data however the Hub changes
     data_files: list[str] = valid(check=NotEmpty(), default_factory=list)  # the dataset's files to read (patterns); empty: its train split
     text_column: str = "text"  # of jsonl, parquet and dataset rows
-    bad_rows: str = valid("stop", OneOf("stop", "skip"))  # a row that is not JSON or has no string text: stop naming it, or skip and count it
+    bad_rows: str = valid("stop", OneOf("stop", "skip"))  # a row not JSON or without string text: stop there, or skip it
     max_tokens: int | None = valid(None, POSITIVE)  # stop about here (at a batch's end); raising it extends the folder
     expected_documents: int | None = valid(None, POSITIVE)  # the full dataset's rows: a copy that holds fewer is reported
     # the vocabulary

@@ -103,11 +103,14 @@ def changed_sources(sources: list[dict], files: list[Path]) -> str | None:
     return None
 
 
-def readable(progress: dict) -> bool:
-    """Whether this version reads a saved position: any, except one inside the row files an older
-    version read through datasets."""
+def readable(progress: dict, data: DataConfig) -> bool:
+    """Whether this version reads a saved position: any but one inside row files, which an older
+    version (no `version` recorded) read through datasets."""
     position = progress.get("position")
-    return progress.get("version") == PROGRESS or not position or position.get("stream") is None and "line" in position
+    if progress.get("version") == PROGRESS or not position:
+        return True
+    runs = groups(data)
+    return position["group"] < len(runs) and runs[position["group"]][0] in ("text", "hub")
 
 
 def cannot_continue(state: dict, now: dict, data: DataConfig) -> str | None:
@@ -118,7 +121,7 @@ def cannot_continue(state: dict, now: dict, data: DataConfig) -> str | None:
     of that part, saved with the position, shows it is unchanged). A text file (it sets where
     val begins) or any source of a learnt vocabulary must be unchanged."""
     then, pos = state.get("made_from") or {}, state.get("position") or {}
-    if not readable(state) or "batches" not in state:
+    if "batches" not in state or not readable(state, data):
         return "it was saved by an older version"
     why = changed_setting(then, now, pos.get("bad_rows", 0))
     if why:

@@ -193,6 +193,7 @@ class Source:
                 if pos["offset"] and (got, self._digest.hexdigest()) != (pos["offset"], pos["sha256"]):
                     raise UserError(f"{files[i]} changed while it was being prepared: run again (it restarts)")
                 good = missing = 0
+                whole = pos["offset"] == 0
                 for line in jsonl.lines(files[i], f, pos["offset"], pos["line"], self._digest):
                     pos.update(offset=line.end, line=line.number)
                     why = line.error and line.error + _array_hint(line.number)
@@ -201,7 +202,7 @@ class Source:
                         missing += 1
                     yield from self._row(None if why else line.row[column], f"{files[i]}:{line.number}", why)
                     good += why is None and isinstance(line.row[column], str)
-                if missing and not good:  # data.bad_rows=skip, and no row has the key: the setting is wrong
+                if whole and missing and not good:  # data.bad_rows=skip, and no row has the key: the setting is wrong
                     raise UserError(f"no row of {files[i]} has a {column!r} key: set data.text_column to the key "
                                     "that holds the text")
             self._digest = None
