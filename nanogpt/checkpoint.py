@@ -176,11 +176,20 @@ def write_pointer(path: Path, target: str) -> None:
 
 
 def read_pointer(path: Path) -> Path | None:
-    """The step folder a pointer file names, if both exist."""
+    """The step folder a pointer file names; None without a pointer. A pointer is replaced only
+    once its folder is complete, so one naming no complete step folder is damage: refused, as a
+    silent None would start the run over (and remove_unused_steps delete its steps)."""
     if not path.is_file():
         return None
-    step = path.parent / path.read_text().strip()
-    return step if (step / TRAIN_STATE).is_file() else None
+    try:
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    step = path.parent / name
+    if not name or "/" in name or not (step / TRAIN_STATE).is_file():
+        raise UserError(f"{path} is damaged: it names no complete checkpoint folder in {path.parent}; remove it to "
+                        "use the run's other checkpoint, if any")
+    return step
 
 
 def remove_unused_steps(run_dir: Path) -> None:
