@@ -88,7 +88,7 @@ def stale(meta: dict, data: DataConfig) -> str | None:
     if then == now or (meta["exhausted"] and (now is None or now >= total)):
         return None
     if now is None or (then is not None and now > then):
-        return "extend"
+        return "extend" if readable(meta["progress"], data) else "was prepared by an older version, which cannot extend it"
     return f"was prepared from other data (data.max_tokens was {then}, now {now})"
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from nanogpt.config import DataConfig
 from nanogpt.datafolder import (LAYOUT, PROGRESS, REPREPARE, cannot_continue, damaged, load_meta, made_from, read_json,
-                                readable, stale, write_json)
+                                stale, write_json)
 from nanogpt.errors import UserError
 from nanogpt.shards import read_shard, token_dtype, write_shard
 from nanogpt.sources import Source, text_chars
@@ -161,9 +161,6 @@ class Preparation:
             else:  # a finished folder under an unfinished extension: keep what is finished
                 _remove_progress(self.out)
         if meta is not None:
-            if not readable(meta["progress"], self.data):
-                raise UserError(f"data folder {self.out} was prepared by an older version, which cannot extend it: "
-                                "set data.reprepare=true to prepare it again")
             log.info(f"extending {self.out}: data.max_tokens was {meta['made_from']['max_tokens']:,}")
             return meta["progress"] | {"vocabulary": definition(meta), "made_from": self.record}
         n_text_chars = text_chars(self.data)
