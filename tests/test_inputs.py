@@ -157,6 +157,8 @@ def test_bad_input_to_each_command_is_one_line_and_leaves_nothing(tmp_path, data
     (tmp_path / "shard.txt").write_bytes(b"PAR1\x00\x01PAR1")
     (tmp_path / "other.txt").write_text("not Tiny Shakespeare\n" * 100)
     (tmp_path / "prompts.txt").write_text("ROMEO:\n\nJULIET:\n")
+    (tmp_path / "sharded_run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "sharded_run" / "ckpt" / "latest").write_text("00000100\n")  # a step folder that is not there
     train = [*TINY, f"data.root={data_root}"]
     damaged = text_data(tmp_path, "damaged", tmp_path / "other.txt")  # a prepared folder, one shard cut short
     shard = prepare(damaged) / "train_000000.bin"
@@ -171,7 +173,7 @@ def test_bad_input_to_each_command_is_one_line_and_leaves_nothing(tmp_path, data
         ("train.py", ["-m", "--cfg", "job", *train], "error: Only one of --run, --multirun, --cfg"),  # Hydra's own
         ("sample.py", ["temperature=-1"], "temperature=-1.0 must be >= 0"),
         ("sample.py", ["start=FILE:/no/such/prompt.txt"], "start: /no/such/prompt.txt does not exist"),
-        ("sample.py", ['stop=["\\n\\n",""]'], "stop=['\\\\n\\\\n', ''] must be strings, none of them empty"),
+        ("sample.py", [f"init_from={tmp_path / 'sharded_run'}"], "ckpt/latest is damaged: it names no complete checkpoint"),
         ("sample.py", [f"prompts_file={tmp_path / 'prompts.txt'}"], "prompts.txt:2: an empty prompt"),
         ("bench.py", [*train, "bench.iters=0"], "bench.iters=0 must be positive"),
     ]
