@@ -18,8 +18,10 @@ import random
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from nanogpt.errors import UserError
 from nanogpt.tokenizer import Tokenizer
 
 log = logging.getLogger("nanogpt")
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,38 +131,42 @@ class ChoiceTask:
 
 
 def read_examples(path: Path, format: str) -> list[Example]:
-    """A task file's rows as Examples; `hellaswag`: the official rows (ctx, endings, label). A row
-    that is not a task's example stops with one line naming the file, the line and what is
-    expected; so does a file without examples."""
-    out = [_checked(row, format, f"{path}:{n}") for n, row in jsonl.rows(path)]
-    if not out:
-        raise UserError(f"{path}: no examples: a {format} task file holds one JSON object a line, {ROW_KEYS[format]}")
-    return out
+    """A task file's rows as Examples; `hellaswag`: the official rows (ctx, endings, label)."""
+    return read_rows(path, lambda row, where: _example(row, format, where), ROW_KEYS[format])
 
 
 ROW_KEYS = {"choices": '{"context": str, "choices": [str, ...], "label": int}',
             "hellaswag": '{"ctx": str, "endings": [str, ...], "label": int}'}
 
 
-def _checked(row: dict, format: str, where: str) -> Example:
-    try:
-        ex = _example(row, format)
-        ex.where = where
-        return ex
-    except (KeyError, TypeError, ValueError) as e:
-        reason = f"no {e} key" if isinstance(e, KeyError) else str(e)
-        raise UserError(f"{where}: {reason}; a {format} row is {ROW_KEYS[format]}") from None
+def read_rows(path: Path, parse: Callable[[dict, str], T], shape: str) -> list[T]:
+    """Every row of a task's jsonl file through parse(row, "file:line"). A line that is not a JSON
+    object, or a row parse refuses (KeyError: a missing key; TypeError, ValueError: a wrong value,
+    its message the reason), stops with one line naming the file, the line and the row's shape;
+    so does a file without rows. Every task format reads its file with this."""
+    out = []
+    for n, row in jsonl.rows(path):
+        try:
+            out.append(parse(row, f"{path}:{n}"))
+        except (KeyError, TypeError, ValueError) as e:
+            reason = f"no {e} key" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{path}:{n}: {reason}; a row is {shape}") from None
+    if not out:
+        raise UserError(f"{path}: no examples: a task file holds one JSON object a line, {shape}")
+    return out
 
 
-def _example(row: dict, format: str) -> Example:
+def _example(row, format: str, where: str = "") -> Example:
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSON {type(row).__name__} where an example belongs")
     context, choices = ("ctx", "endings") if format == "hellaswag" else ("context", "choices")
-    ex = Example(_text(row[context], context), _choices(row[choices], choices), _label(row["label"]))
+    ex = Example(_text(row[context], context), _choices(row[choices], choices), _label(row["label"]), where=where)
     if not 0 <= ex.label < len(ex.choices):
         raise ValueError(f"label {ex.label} is not one of the {len(ex.choices)} choices (0 to {len(ex.choices) - 1})")
     if format != "hellaswag" and "fewshot" in row:
         if not isinstance(row["fewshot"], list):
             raise TypeError("fewshot is not a list of solved examples")
-        ex.fewshot = [_example(s, format) for s in row["fewshot"]]
+        ex.fewshot = [_example(s, format, where) for s in row["fewshot"]]
     return ex
 
 

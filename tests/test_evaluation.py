@@ -237,7 +237,8 @@ BROKEN_TASK_FILES = {  # the lines of a task file, one of them broken; the messa
     "one choice": ([{**GOOD, "choices": ["a"], "label": 0}], ":1: choices is not a list of at least two strings"),
     "empty context": ([{**GOOD, "context": ""}], ":1: an empty context and no few-shot examples"),
     "broken few-shot example": ([{**GOOD, "fewshot": [{**GOOD, "label": 5}]}], ":1: label 5 is not one of"),
-    "empty file": (["", "  "], ": no examples: a choices task file holds one JSON object a line"),
+    "empty file": (["", "  "], ": no examples: a task file holds one JSON object a line"),
+    "few-shot example not an object": ([{**GOOD, "fewshot": ["Q a"]}], ":1: a JSON str where an example belongs"),
 }
 
 
