@@ -43,17 +43,24 @@ def read_prompts(c: SampleConfig) -> list[str]:
     """The prompts: prompts_file's lines, or start (FILE:path: that file's text). An empty prompt
     is refused: the model needs a token to start from."""
     if c.prompts_file is not None:
-        prompts = Path(c.prompts_file).read_text().splitlines()
+        prompts = _text(c.prompts_file).splitlines()
         if not prompts:
             raise UserError(f"prompts_file={c.prompts_file} holds no prompts (one a line)")
         empty = next((n for n, p in enumerate(prompts, 1) if not p), None)
         if empty:
             raise UserError(f"{c.prompts_file}:{empty}: an empty prompt (each line is one): remove the line")
         return prompts
-    prompt = Path(c.start[5:]).read_text() if c.start.startswith("FILE:") else c.start
+    prompt = _text(c.start[5:]) if c.start.startswith("FILE:") else c.start
     if not prompt:
         raise UserError(f"start={c.start!r} is an empty prompt: give the model some text to start from, e.g. start='\\n'")
     return [prompt]
+
+
+def _text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
