@@ -226,6 +226,12 @@ class TrainConfig:
     nan_policy: str = valid("stop", OneOf("stop", "skip"))  # what a non-finite loss or gradient norm does
     extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: targets a run folder names may import them
 
+    RULES: ClassVar[list[Rule]] = [
+        ("model.parametrization=mup scales Adam-type updates (optim=adamw or your own); Muon's orthogonalised "
+         "updates need another width rule, not implemented (docs/mup.md)",
+         lambda c: getattr(c.model, "parametrization", "sp") != "mup" or getattr(c.optim, "_target_", "") != MuonConfig._target_),
+    ]
+
 
 @dataclass
 class SampleConfig:

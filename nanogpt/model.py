@@ -2,7 +2,8 @@
 
 Pure PyTorch: this file knows nothing about Hydra, files or training. Defaults are GPT-2's.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), rotary embeddings (Su et al. 2021),
-QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2).
+QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2),
+the maximal-update parametrization (muP: Yang et al. 2022, Tensor Programs V; docs/mup.md).
 """
 
 import math
@@ -37,12 +38,28 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
     logit_softcap: float = valid(0.0, NON_NEGATIVE)  # >0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # output projections (and an untied head) start at zero: blocks begin as the identity
+    parametrization: str = valid("sp", OneOf("sp", "mup"))  # sp: GPT-2's; mup: rates tuned at mup_base_width transfer (docs/mup.md)
+    mup_base_width: int | None = valid(None, POSITIVE)  # the width at which muP is SP; None: this n_embd
+    mup_zero_readout: bool = False  # muP: the untied LM head starts at zero (microsoft/mup's usual choice)
     _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
         ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})", lambda c: c.n_embd % c.n_head == 0),
+        ("{prefix}mup_base_width ({c.mup_base_width}) must be divisible by n_head ({c.n_head}): muP's base head size",
+         lambda c: c.mup_base_width is None or c.mup_base_width % c.n_head == 0),
+        ("{prefix}mup_base_width and mup_zero_readout are muP's: set {prefix}parametrization=mup",
+         lambda c: c.parametrization == "mup" or (c.mup_base_width is None and not c.mup_zero_readout)),
+        ("{prefix}mup_zero_readout=true zeroes the LM head, which tied embeddings share with the token embedding: "
+         "set {prefix}tie_embeddings=false", lambda c: not (c.mup_zero_readout and c.tie_embeddings)),
     ]
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier n_embd / mup_base_width (1 under SP and at the base width)."""
+        if self.parametrization != "mup" or self.mup_base_width is None:
+            return 1.0
+        return self.n_embd / self.mup_base_width
 
     def __post_init__(self):
         try:
@@ -103,6 +120,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         head_dim = config.n_embd // config.n_head
+        # scores x 1/sqrt(d) (SP); muP: sqrt(d_base)/d, which keeps q.k's scale as q and k align
+        # while training, and is 1/sqrt(d) at the base width (d_base = head size there)
+        self.scale = None if config.parametrization == "sp" else 1.0 / math.sqrt(head_dim) / math.sqrt(config.width_mult)
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -126,17 +146,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         if cache is not None:
             k, v, visible = cache.update(layer, k, v)  # every cached token: (B, nh, L, hs); (B, 1, T, L)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
         elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
             causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
-            att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
+            att = ((q * (self.scale or 1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
         else:
             # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=True
+                q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=True, scale=self.scale
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -197,6 +217,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self._init_residual_projections()
+        if config.parametrization == "mup":
+            self._init_mup()
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: Linear and Embedding weights N(0, 0.02), biases zero; norms keep ones/zeros."""
@@ -220,6 +242,19 @@ class GPT(nn.Module):
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 
+    @torch.no_grad()
+    def _init_mup(self) -> None:
+        """muP's init on top of SP's, equal to it at the base width: hidden matrices' variance
+        x base/width (variance proportional to 1/fan_in: all their fan-ins grow with the width);
+        embeddings, vectors and the stored readout as SP (the logits' multiplier carries the
+        width), or a zero readout (mup_zero_readout)."""
+        for g in default_param_groups(self):
+            if g.kind == "hidden":
+                for p in g.params:
+                    p.mul_(1.0 / math.sqrt(self.config.width_mult))
+        if self.config.mup_zero_readout:
+            nn.init.zeros_(self.lm_head.weight)
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The repeated layers: FSDP shards each, activation checkpointing wraps each."""
@@ -227,8 +262,17 @@ class GPT(nn.Module):
 
     def param_groups(self) -> list[ParamGroup]:
         """How every optimizer treats each parameter (nanogpt.protocol.ParamGroup): 2-D weights
-        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon."""
-        return default_param_groups(self)
+        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon. muP (Adam's
+        rule): hidden matrices' rate x base/width and their decay x width/base, so that AdamW's
+        per-step shrink (rate x decay) stays put, as microsoft/mup's MuAdamW; the rest at the
+        option's rate."""
+        groups = default_param_groups(self)
+        m = self.config.width_mult
+        if self.config.parametrization == "mup":
+            for g in groups:
+                if g.kind == "hidden":
+                    g.lr_scale, g.weight_decay_scale = 1.0 / m, g.weight_decay_scale * m
+        return groups
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count, a tied head counted once. non_embedding drops the position embedding,
@@ -264,6 +308,8 @@ class GPT(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
+        if self.config.parametrization == "mup":
+            logits = logits * (1.0 / self.config.width_mult)  # muP's readout multiplier (mup's MuReadout)
         if self.config.logit_softcap > 0:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits.float() / c)

@@ -1,0 +1,128 @@
+"""muP (model.parametrization=mup): at the base width it is SP; elsewhere each parameter's init,
+rate and decay follow Adam's rule (Tensor Programs V, microsoft/mup's MuAdamW), computed here by
+hand from the parameter's name."""
+
+import math
+
+import pytest
+import torch
+
+from nanogpt.config import AdamWConfig, CosineScheduleConfig
+from nanogpt.errors import UserError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.optim import build_adamw, cosine_schedule, set_lr
+
+SMALL = dict(block_size=8, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
+OPTIONS = [{}, {"tie_embeddings": False}, {"pos_emb": "rope", "qk_norm": True, "norm": "rmsnorm", "bias": False}]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is faster than several on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def losses(config: GPTConfig, iters: int = 20) -> tuple[GPT, list[float]]:
+    """A model of seed 0 trained iters steps of AdamW (nanogpt's builder, cosine schedule) on a
+    fixed random batch (it learns it); the model as built and its losses."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_adamw(AdamWConfig(learning_rate=1e-2, fused=False), model=model, device_type="cpu")
+    schedule = cosine_schedule(CosineScheduleConfig(warmup_iters=5, lr_decay_iters=iters, min_lr=1e-3), learning_rate=1e-2)
+    x = torch.randint(0, config.vocab_size, (2, config.block_size), generator=torch.Generator().manual_seed(1))
+    out = []
+    for it in range(iters):
+        set_lr(opt, schedule(it))
+        _, loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        for o in opt:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return initial, out
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["tied", "untied", "modern"])
+def test_mup_at_its_base_width_is_sp(options):
+    sp_init, sp = losses(GPTConfig(**{**SMALL, **options}))
+    mup_init, mup = losses(GPTConfig(**{**SMALL, **options}, parametrization="mup", mup_base_width=32))
+    assert sp_init.keys() == mup_init.keys()
+    assert all(torch.equal(sp_init[k], mup_init[k]) for k in sp_init)
+    assert max(abs(a - b) for a, b in zip(sp, mup)) < 1e-6
+    assert sp[-1] < sp[0] - 0.3  # it trained
+
+
+def expected(name: str, width_mult: float) -> tuple[str, float, float]:
+    """Adam's muP rule for a GPT parameter, by its name: (kind, rate scale, init std scale
+    relative to SP's at the same width). Hidden matrices (inside blocks, both sides growing):
+    rate / m, init std / sqrt(m) (variance ~ 1/fan_in); everything else: as SP."""
+    hidden = name.startswith("transformer.h.") and name.endswith(".weight") and "ln_" not in name and "norm" not in name
+    if hidden:
+        return "hidden", 1 / width_mult, 1 / math.sqrt(width_mult)
+    return "other", 1.0, 1.0
+
+
+def test_each_parameter_follows_the_rule():
+    base, width = 32, 128
+    config = dict(SMALL, n_embd=width, tie_embeddings=False)
+    torch.manual_seed(0)
+    sp = GPT(GPTConfig(**config))
+    torch.manual_seed(0)
+    mup = GPT(GPTConfig(**config, parametrization="mup", mup_base_width=base))
+    opt = build_adamw(AdamWConfig(learning_rate=1e-3, weight_decay=0.1, fused=False), model=mup, device_type="cpu")[0]
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    sp_weights = dict(sp.named_parameters())
+    names = dict(mup.named_parameters())
+    assert len(rate) == len(names)
+    m = width / base
+    hidden = 0
+    for name, p in names.items():
+        kind, lr_scale, std_scale = expected(name, m)
+        hidden += kind == "hidden"
+        lr, wd = rate[id(p)]
+        assert lr == pytest.approx(1e-3 * lr_scale), name
+        # decay: 2-D weights at the option's, scaled so that rate x decay stays (MuAdamW); vectors none
+        assert wd == pytest.approx(0.0 if p.dim() < 2 else 0.1 * m if kind == "hidden" else 0.1), name
+        torch.testing.assert_close(p.detach(), sp_weights[name].detach() * std_scale, rtol=1e-6, atol=0, msg=name)
+    assert hidden == 4 * SMALL["n_layer"]
+    # the hidden init's variance ~ 1/fan_in: c_fc (fan-in 128) at 0.02 / sqrt(4)
+    assert mup.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_the_multipliers_carry_the_width():
+    """logits x base/width and attention scores x sqrt(d_base)/d: a muP model equals an SP model
+    of the same weights whose readout and queries are scaled by hand."""
+    base, width = 32, 64
+    config = dict(SMALL, n_embd=width, tie_embeddings=False, bias=False)
+    torch.manual_seed(0)
+    mup = GPT(GPTConfig(**config, parametrization="mup", mup_base_width=base))
+    sp = GPT(GPTConfig(**config))
+    sp.load_state_dict(mup.state_dict())
+    d, d_base = width // SMALL["n_head"], base // SMALL["n_head"]
+    with torch.no_grad():
+        sp.lm_head.weight.mul_(base / width)
+        for block in sp.transformer.h:  # q's rows of c_attn: scores q.k / sqrt(d) become q.k sqrt(d_base) / d
+            block.attn.c_attn.weight[:width].mul_(math.sqrt(d_base) / d * math.sqrt(d))
+    x = torch.randint(0, 65, (2, 8))
+    torch.testing.assert_close(mup(x, x)[0], sp(x, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_readout(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, tie_embeddings=False, parametrization="mup", mup_zero_readout=True))
+    assert model.lm_head.weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.parametrization=mup", "optim=muon"], "Muon's orthogonalised updates need another width rule"),
+    (["model.parametrization=mup", "model.mup_zero_readout=true"], "set model.tie_embeddings=false"),
+    (["model.mup_base_width=16"], "set model.parametrization=mup"),
+    (["model.parametrization=mup", "model.mup_base_width=15"], "must be divisible by n_head"),
+])
+def test_refused_combinations(tiny_config, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(*overrides)
