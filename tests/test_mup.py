@@ -2,11 +2,16 @@
 rate and decay follow Adam's rule (Tensor Programs V, microsoft/mup's MuAdamW), computed here by
 hand from the parameter's name."""
 
+import json
 import math
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
+from conftest import TINY, run_script
+from nanogpt.coord_check import coord_check, split_settings
 from nanogpt.config import AdamWConfig, CosineScheduleConfig
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
@@ -126,3 +131,46 @@ def test_zero_readout(tiny_config):
 def test_refused_combinations(tiny_config, overrides, message):
     with pytest.raises(UserError, match=message):
         tiny_config(*overrides)
+
+
+COORD = ["widths=[64,128,256,512]", "steps=5", "model.tie_embeddings=false", "system.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def mup_coord_check(tmp_path_factory, data_root):
+    """The command, as a user runs it, under muP with a zero readout."""
+    run_dir = tmp_path_factory.mktemp("coord") / "mup"
+    proc = run_script("nanogpt/coord_check.py", *TINY, f"data.root={data_root}", *COORD,
+                      "model.parametrization=mup", "model.mup_zero_readout=true", f"hydra.run.dir={run_dir}",
+                      cwd=run_dir.parent)
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_the_coordinate_check_discriminates(mup_coord_check, tiny_config, tmp_path):
+    run_dir, proc = mup_coord_check
+    mup = json.loads((run_dir / "coord_check.json").read_text())
+    assert (run_dir / "coord_check.png").stat().st_size > 10_000
+    for kind in ("attention", "mlp", "residual", "logits"):
+        assert abs(mup["slopes"][kind]) < 0.15, (kind, mup["slopes"])
+        assert f"{kind:<10} slope {mup['slopes'][kind]:+.3f}" in proc.stdout
+    # the slopes are the least-squares fit of the recorded RMS, recomputed here with scipy
+    logits_last = [w[-1] for w in mup["activations"]["logits"]]
+    fit = scipy.stats.linregress(np.log(mup["widths"]), np.log(logits_last))
+    assert mup["slopes"]["logits"] == pytest.approx(fit.slope, abs=1e-9)
+    assert len(mup["activations"]["mlp"]) == 4 and len(mup["activations"]["mlp"][0]) == 5
+    # each weight's update per width and step; a hidden matrix's shrinks as 1/width under muP (Adam)
+    update = mup["updates"]["transformer.h.0.mlp.c_fc.weight"]
+    assert scipy.stats.linregress(np.log(mup["widths"]), np.log([w[-1] for w in update])).slope == pytest.approx(-1, abs=0.15)
+
+    settings, _ = split_settings([c for c in COORD if not c.startswith("model.")])
+    sp = coord_check(tiny_config("model.tie_embeddings=false", "system.num_threads=1"), settings, tmp_path)
+    assert sp["slopes"]["logits"] > 0.3
+    assert json.loads((tmp_path / "coord_check.json").read_text())["slopes"] == sp["slopes"]
+
+
+def test_coord_check_settings_are_checked():
+    with pytest.raises(UserError, match=r"widths=\[128, 64\] must be two or more"):
+        split_settings(["widths=[128,64]"])
+    with pytest.raises(UserError, match="^steps: Value .zero. of type .str. could not be converted to Integer"):
+        split_settings(["steps=zero"])
