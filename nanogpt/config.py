@@ -214,6 +214,7 @@ class TrainConfig:
     bench: Any = None  # bench.py's own keys, typed by its schema in conf/bench.yaml; empty for training
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
+    transfer_from: str | None = None  # an Optuna search's folder: its best parameters, set before the command's (nanogpt.transfer)
     max_iters: int = valid(2000, NON_NEGATIVE)
     gradient_accumulation_steps: int = valid(1, POSITIVE)  # global micro-steps per iteration, divided among ranks
     grad_clip: float = valid(1.0, NON_NEGATIVE)  # 0 disables clipping

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from omegaconf import OmegaConf
 
 from conftest import TINY, run_script
 from nanogpt.coord_check import coord_check, split_settings
 from nanogpt.config import AdamWConfig, CosineScheduleConfig
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.transfer import transfer_overrides
 from nanogpt.optim import build_adamw, cosine_schedule, set_lr
 
 SMALL = dict(block_size=8, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True)
@@ -174,3 +176,31 @@ def test_coord_check_settings_are_checked():
         split_settings(["widths=[128,64]"])
     with pytest.raises(UserError, match="^steps: Value .zero. of type .str. could not be converted to Integer"):
         split_settings(["steps=zero"])
+
+
+@pytest.mark.slow
+def test_transfer_from_a_search_at_the_base_width(tmp_path, data_root):
+    """A 2-trial Optuna search of a muP model at width 32, then a run at width 64 pointed at the
+    study: its config holds the study's best parameters and the study's base width."""
+    optuna = pytest.importorskip("optuna", reason="needs the optuna extra: pip install -e '.[optuna]'")
+    common = [*TINY, "system.num_threads=1", f"data.root={data_root}", "max_iters=4", "eval_interval=4"]
+    run_script("train.py", "-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=s",
+               *common, "model.parametrization=mup", cwd=tmp_path)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'multirun/s/optuna.db'}")
+
+    run = tmp_path / "big"
+    proc = run_script("train.py", "transfer_from=multirun/s", "model.n_embd=64", *common, "max_iters=2",
+                      "optim.weight_decay=0.05", f"hydra.run.dir={run}", cwd=tmp_path)
+    saved = OmegaConf.load(run / ".hydra/config.yaml")
+    assert saved.optim.learning_rate == study.best_params["optim.learning_rate"]
+    assert saved.optim.weight_decay == 0.05  # the command's own value wins
+    assert (saved.model.parametrization, saved.model.mup_base_width, saved.model.n_embd) == ("mup", 32, 64)
+    assert saved.transfer_from == "multirun/s"
+    assert f"trial {study.best_trial.number}, value {study.best_value:.4f}, best of 2 finished" in proc.stderr
+    assert "optim.learning_rate=" in " ".join(OmegaConf.load(run / ".hydra/overrides.yaml"))
+
+
+def test_transfer_from_a_folder_without_a_study(tmp_path):
+    with pytest.raises(UserError, match=rf"^transfer_from={tmp_path}: no optuna.db there or above it; name the folder"):
+        transfer_overrides([f"transfer_from={tmp_path}", "model.n_embd=64"])
+    assert transfer_overrides(["transfer_from=null"]) == []
