@@ -6,6 +6,7 @@ QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gem
 the maximal-update parametrization (muP: Yang et al. 2022, Tensor Programs V; docs/mup.md).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -273,6 +274,28 @@ class GPT(nn.Module):
                 if g.kind == "hidden":
                     g.lr_scale, g.weight_decay_scale = 1.0 / m, g.weight_decay_scale * m
         return groups
+
+    @torch.no_grad()
+    def as_sp(self) -> "GPT":
+        """The same function in SP form, for formats that know only SP (GPT-2's): muP's
+        multipliers folded into the weights. The queries (or, with QK-norm, their gains) take the
+        attention scale's sqrt(d_base/d), the LM head the logits' base/width; a tied head that
+        must change is untied. Exact up to rounding."""
+        c = self.config
+        if c.parametrization == "sp":
+            return self
+        m, tied = c.width_mult, c.tie_embeddings and c.width_mult == 1
+        sp = GPT(dataclasses.replace(c, parametrization="sp", mup_base_width=None, mup_zero_readout=False, tie_embeddings=tied))
+        sp.load_state_dict(self.state_dict(), strict=False)  # an untied copy takes both names of a tied weight
+        sp.lm_head.weight.mul_(1.0 / m)
+        for block in sp.transformer.h:
+            attn = block.attn
+            targets = [attn.q_norm.weight, getattr(attn.q_norm, "bias", None)] if attn.q_norm is not None else \
+                [attn.c_attn.weight[: c.n_embd], attn.c_attn.bias[: c.n_embd] if attn.c_attn.bias is not None else None]
+            for t in targets:
+                if t is not None:
+                    t.mul_(1.0 / math.sqrt(m))
+        return sp
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count, a tied head counted once. non_embedding drops the position embedding,

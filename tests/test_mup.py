@@ -12,6 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, run_script
+from test_fsdp import assert_follows, losses as run_losses, train
+from nanogpt.checkpoint import load_checkpoint, model_from_state, weights_file
+from nanogpt.export import export
 from nanogpt.coord_check import coord_check, split_settings
 from nanogpt.config import AdamWConfig, CosineScheduleConfig
 from nanogpt.errors import UserError
@@ -204,3 +207,29 @@ def test_transfer_from_a_folder_without_a_study(tmp_path):
     with pytest.raises(UserError, match=rf"^transfer_from={tmp_path}: no optuna.db there or above it; name the folder"):
         transfer_overrides([f"transfer_from={tmp_path}", "model.n_embd=64"])
     assert transfer_overrides(["transfer_from=null"]) == []
+
+
+@pytest.mark.slow
+def test_a_mup_run_resumes_shards_and_exports_as_any_run(tmp_path, data_root):
+    """Width 64 on a base of 32 (multipliers of 2): resumed bit-identically, FSDP on 2 ranks
+    following one process, exported to GPT-2 with the same logits."""
+    mup = ["model.parametrization=mup", "model.mup_base_width=32", "model.n_embd=64", "model.tie_embeddings=false",
+           "max_iters=10", "eval_at_start=true", "schedule.lr_decay_iters=10", "system.num_threads=1"]
+    one = tmp_path / "one"
+    train(data_root, one, *mup)
+    resumed = tmp_path / "resumed"
+    train(data_root, resumed, *mup[:-4], "max_iters=5", *mup[-3:])
+    train(data_root, resumed, *mup)
+    assert run_losses(resumed) == run_losses(one)  # bit-identical
+    sharded = tmp_path / "sharded"
+    train(data_root, sharded, *mup, "system.parallelism=fsdp", nproc=2)
+    assert_follows(sharded, one, tol=1e-4)
+
+    transformers = pytest.importorskip("transformers")
+    export(one, tmp_path / "hf")
+    ours = model_from_state(load_checkpoint(weights_file(one)))
+    assert ours.config.parametrization == "mup" and ours.config.width_mult == 2
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx, idx)[0]).abs().max() < 1e-5
