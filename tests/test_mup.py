@@ -103,6 +103,32 @@ def test_each_parameter_follows_the_rule():
     assert mup.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
 
 
+def test_the_rule_agrees_with_microsoft_mup():
+    """microsoft/mup's own bookkeeping (infshapes from a base and a delta model, MuAdamW's groups,
+    mup.init's std scale) gives each parameter the rate, decay and init scale ours has. mup has
+    no MuReadout here: our readout multiplier sits in GPT._logits, so its check is off."""
+    mup = pytest.importorskip("mup", reason="the reference: pip install mup --no-deps (its setup pulls torchvision)")
+    config = dict(SMALL, tie_embeddings=False)
+    base, delta = GPT(GPTConfig(**config)), GPT(GPTConfig(**dict(config, n_embd=64)))
+    torch.manual_seed(0)
+    sp = GPT(GPTConfig(**dict(config, n_embd=128)))
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**dict(config, n_embd=128), parametrization="mup", mup_base_width=32))
+    mup.set_base_shapes(ours, base, delta=delta, rescale_params=False, do_assert=False)
+    reference = mup.MuAdamW(ours.parameters(), lr=1e-3, weight_decay=0.1)
+    theirs = {id(p): (g["lr"], g["weight_decay"]) for g in reference.param_groups for p in g["params"]}
+    mine = build_adamw(AdamWConfig(learning_rate=1e-3, weight_decay=0.1, fused=False), model=ours, device_type="cpu")[0]
+    sp_weights = dict(sp.named_parameters())
+    for g in mine.param_groups:
+        for p in g["params"]:
+            lr, wd = theirs[id(p)]
+            assert g["lr"] == pytest.approx(lr)
+            assert g["weight_decay"] == pytest.approx(wd if p.dim() > 1 else 0.0)  # we never decay vectors
+    for name, p in ours.named_parameters():  # mup.init: std x width_mult^-1/2 for matrix-like weights only
+        scale = p.infshape.width_mult() ** -0.5 if p.infshape.ninf() == 2 else 1.0
+        torch.testing.assert_close(p.detach(), sp_weights[name].detach() * scale, rtol=1e-6, atol=0, msg=name)
+
+
 def test_the_multipliers_carry_the_width():
     """logits x base/width and attention scores x sqrt(d_base)/d: a muP model equals an SP model
     of the same weights whose readout and queries are scaled by hand."""
