@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -163,6 +164,7 @@ def figure(result: dict) -> Figure:
             ax.plot(result["widths"], ys, marker="o", ms=3, color=(0.1, 0.3, 0.8, 0.2 + 0.8 * (s + 1) / steps),
                     label=f"step {s}" if s in (0, steps - 1) else None)
         ax.set(xscale="log", yscale="log", xlabel="width (n_embd)", title=f"{kind} (slope {_fmt(result['slopes'][kind])})")
+        ax.xaxis.set_minor_locator(NullLocator())  # the log axis's minor labels would overlap the widths
         ax.set_xticks(result["widths"], [str(w) for w in result["widths"]])
     fig.axes[0].set_ylabel("RMS")
     fig.axes[0].legend()
