@@ -172,7 +172,7 @@ def swept_figure(sweeps: list[Path], x: str, by: str, metric: str = "final_val_l
             line = ax.plot(*zip(*points), marker="o", label=f"{by}={value:g}")[0]
             ax.plot(*best, marker="o", ms=12, mfc="none", color=line.get_color())
             lines.append(f"{sweep}: {by}={value:g}: best {x}={best[0]:g} ({metric} {best[1]:.4f})")
-        ax.set(xscale="log", xlabel=x, title=str(sweep))
+        ax.set(xscale="log", xlabel=x, title=Path(sweep).name)
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylabel(metric.replace("_", " "))
