@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,8 +48,14 @@ class User:
 def user(tmp_path_factory) -> User:
     home = tmp_path_factory.mktemp("user")
     shutil.copytree(EXAMPLE, home / "own_code", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(home / "venv")], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(home / "venv")], check=True)
     python = home / "venv" / "bin" / "python"
+    # it sees this environment's packages (torch, hydra, pip...), whether they sit in a venv or in
+    # the system's (--system-site-packages would reach the base interpreter's only)
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "_outer.pth").write_text("import site; " + "; ".join(
+        f"site.addsitedir({d!r})" for d in [*site.getsitepackages(), site.getusersitepackages()]) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e",
                     str(home / "own_code")], check=True, capture_output=True)
     return User(python, home / "own_code" / "conf", home)
