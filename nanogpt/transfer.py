@@ -48,9 +48,9 @@ def study_storage(folder: Path) -> Path:
 
 def best_params(folder: Path) -> tuple[dict, str]:
     """The best finished trial's parameters, and a line saying where they came from."""
+    storage = study_storage(folder)  # before importing optuna: a wrong folder is one line without it
     import optuna
 
-    storage = study_storage(folder)
     summaries = optuna.get_all_study_summaries(storage=f"sqlite:///{storage}")
     if len(summaries) != 1:
         raise UserError(f"{KEY}={folder}: {storage} holds {len(summaries)} studies, not one")
