@@ -22,51 +22,12 @@ import torch.nn.functional as F
 from nanogpt import distributed
 from nanogpt.config import EvalConfig, build
 from nanogpt.errors import UserError
+from nanogpt.scoring import pass_count, score_groups, sharing, token_losses
 from nanogpt.shards import TokenStream
 from nanogpt.tasks import BitsPerByteTask, ChoiceTask, Rendered
 from nanogpt.tokenizer import Tokenizer
 
 log = logging.getLogger("nanogpt")
-
-
-@torch.no_grad()
-def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, T) cross-entropy of each target in y (0 where y is -1), in fp32 or better."""
-    logits, _ = model(x, y)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
-
-
-def score_rows(model: torch.nn.Module, rows: list[tuple[np.ndarray, int]], batch_size: int, device: torch.device,
-               ctx, batches: int = 0) -> list[tuple[float, int]]:
-    """(summed loss, token count) over tokens[start:] of each row (tokens, start), batch_size rows a
-    forward pass, longest first; then empty passes up to `batches` in all. Rows are padded on the
-    right, which a causal model's earlier positions cannot see: padding changes no score."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    groups += [[]] * (batches - len(groups))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for group in groups:
-        width = max((len(rows[i][0]) - 1 for i in group), default=1)
-        x = torch.zeros(max(len(group), 1), width, dtype=torch.long)
-        y = torch.full_like(x, -1)
-        for j, i in enumerate(group):
-            tokens, start = rows[i]
-            x[j, : len(tokens) - 1] = torch.from_numpy(tokens[:-1])
-            y[j, start - 1 : len(tokens) - 1] = torch.from_numpy(tokens[start:])
-        with ctx:
-            losses = token_losses(model, x.to(device), y.to(device))
-        sums, counts = losses.sum(1).tolist(), (y >= 0).sum(1).tolist()
-        for j, i in enumerate(group):
-            out[i] = (sums[j], counts[j])
-    return out
-
-
-def pass_count(local: int, dist: distributed.DistInfo, device: torch.device) -> int:
-    """The most forward passes any rank needs: what every rank runs."""
-    n = torch.tensor(local, device=device)
-    distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    return int(n.item())
 
 
 @dataclass
@@ -88,12 +49,11 @@ class ChoiceResult:
 def multiple_choice(model: torch.nn.Module, rendered: list[Rendered | None], batch_size: int, device: torch.device,
                     ctx, dist: distributed.DistInfo) -> ChoiceResult:
     """Score every choice of this rank's share of the examples (None: not scorable, counted as
-    skipped); acc and acc_norm over all ranks."""
+    skipped), each context read once; acc and acc_norm over all ranks."""
     mine = [i for i in range(dist.rank, len(rendered), dist.world_size) if rendered[i] is not None]
-    rows = [(tokens, start) for i in mine for tokens, start in zip(rendered[i].rows, rendered[i].starts)]
-    passes = pass_count(math.ceil(len(rows) / batch_size), dist, device)
-    flat = iter(score_rows(model, rows, batch_size, device, ctx, passes))
-    scores = {i: [next(flat) for _ in rendered[i].rows] for i in mine}
+    groups = {i: sharing(list(zip(rendered[i].rows, rendered[i].starts)), rendered[i].cut) for i in mine}
+    scored = iter(score_groups(model, [g for i in mine for g in groups[i]], batch_size, device, ctx, dist))
+    scores = {i: [(s.loss, s.tokens) for _ in groups[i] for s in next(scored)] for i in mine}
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     for i, choice_scores in scores.items():
         sums = [s for s, _ in choice_scores]
