@@ -49,12 +49,6 @@ def pass_count(local: int, dist: distributed.DistInfo, device: torch.device) -> 
     return int(n.item())
 
 
-def sharing(rows: list[Row], cut: bool) -> list[list[Row]]:
-    """An example's rows as groups: one group, or each row alone when they were cut from the left
-    to fit the block (their beginnings differ now)."""
-    return [[row] for row in rows] if cut else [rows]
-
-
 def shared_length(rows: list[Row]) -> int:
     """How many input tokens a group's rows share before any row's first scored target: the
     common prefix of their inputs (tokens[:-1]), short of every row's start."""
@@ -121,7 +115,7 @@ def score_chunk(model: torch.nn.Module, groups: list[list[Row]], device: torch.d
     losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
     scored = y >= 0
     hits = (logits.argmax(-1) == y) | ~scored
-    sums, counts, greedy = losses.sum(1).tolist(), scored.sum(1).tolist(), hits.all(1).tolist()
+    sums, counts, greedy = losses.double().sum(1).tolist(), scored.sum(1).tolist(), hits.all(1).tolist()
     out: list[list[Score]] = [[] for _ in groups]
     for j, (g, _) in enumerate(flat):
         out[g].append(Score(sums[j], counts[j], greedy[j]))
@@ -143,6 +137,16 @@ def score_groups(model: torch.nn.Module, groups: list[list[Row]], batch_size: in
     for _ in range(passes - len(plan)):  # empty passes, so every rank runs as many
         score_chunk(model, [[([0, 0], 1)]], device, ctx)
     return out
+
+
+def score_examples(model: torch.nn.Module, examples: list[tuple[list[Row], bool]], batch_size: int,
+                   device: torch.device, ctx, dist: distributed.DistInfo) -> list[list[Score]]:
+    """The Score of each row of each example (its rows, and whether they were cut from the left to
+    fit the block): an example's rows share its context, unless they were cut (their beginnings
+    differ then): each is scored alone."""
+    groups = [[[row] for row in rows] if cut else [rows] for rows, cut in examples]
+    scored = iter(score_groups(model, [g for gs in groups for g in gs], batch_size, device, ctx, dist))
+    return [[s for _ in gs for s in next(scored)] for gs in groups]
 
 
 def mean_loss(score: Score) -> float:
