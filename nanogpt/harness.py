@@ -17,6 +17,7 @@ They are scored by nanogpt/scoring.py: requests that share a context read it onc
 import math
 from contextlib import nullcontext
 
+import lm_eval.models  # noqa: F401  lm-eval's own models first: it registers them only into an empty registry
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
