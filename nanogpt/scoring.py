@@ -4,8 +4,8 @@ and whether greedy decoding reproduces them. Every multiple-choice score goes th
 
 Rows that begin with the same tokens (an example's context, then each of its choices) form a
 group. The tokens the rows share run through the model once, as a prefill whose keys and values
-are kept (model.KVCache); then the rows' own tokens run as one batch on top of them (nanochat's
-engine does the same for sampling). A row attends over exactly what it would see alone, so a
+are kept (PrefixCache, the model's cache argument); then the rows' own tokens run as one batch on
+top of them (nanochat's engine prefills a prompt once for its samples the same way). A row attends over exactly what it would see alone, so a
 score is the one the row would get alone (within float rounding: tested to 1e-5 in fp32). HellaSwag
 has four endings a context: its contexts are read once instead of four times.
 
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt import distributed
-from nanogpt.model import KVCache
 
 Row = tuple[Sequence[int], int]  # tokens, index of the first scored token (>= 1)
 
@@ -84,24 +83,64 @@ def chunks(groups: list[list[Row]], batch_size: int, block_size: int) -> list[li
     return out
 
 
+class PrefixCache:
+    """The cache argument of the model's forward (KVCache's interface: positions, update, lengths)
+    for two passes: the prefill keeps each layer's keys and values of the groups' shared tokens as
+    they come; in the rows' pass each row attends over its group's first shared[g] of them, then
+    over its own tokens causally. Built for scoring: no preallocated slots to write into, and one
+    mask for every layer."""
+
+    def __init__(self, shared: list[int], device: torch.device):
+        self.shared = torch.tensor(shared, device=device)
+        self.lengths = torch.zeros_like(self.shared)  # tokens seen by each row (GPT.forward adds to it)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.group: torch.Tensor | None = None  # each row's group, in the rows' pass
+        self.mask: torch.Tensor | None = None
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def rows(self, group: list[int]) -> None:
+        """From now on the batch is rows, row i of group group[i], after its group's shared tokens."""
+        self.group = torch.tensor(group, device=self.shared.device)
+        self.lengths, self.mask = self.shared[self.group], None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = k.size(2)
+        if self.group is None:  # the prefill: each group's own tokens, causally
+            self.k.append(k)
+            self.v.append(v)
+            if self.mask is None:
+                self.mask = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()
+            return k, v, self.mask
+        P = self.k[layer].size(2)
+        if self.mask is None:  # (rows, 1, T, P + T): the group's real prefix, then causal
+            prefix = torch.arange(P, device=k.device) < self.lengths[:, None]  # (rows, P)
+            causal = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()
+            self.mask = torch.cat([prefix[:, None, None, :].expand(-1, 1, T, P), causal.expand(len(prefix), 1, T, T)], -1)
+            self.mask = torch.zeros(self.mask.shape, dtype=k.dtype, device=k.device).masked_fill(~self.mask, -math.inf)
+        keys = torch.cat([self.k[layer][self.group], k], dim=2)
+        values = torch.cat([self.v[layer][self.group], v], dim=2)
+        return keys, values, self.mask
+
+
 @torch.no_grad()
 def score_chunk(model: torch.nn.Module, groups: list[list[Row]], device: torch.device, ctx) -> list[list[Score]]:
     """Each group's shared tokens in one padded prefill, then every row's own tokens in one
     padded batch that attends over its group's cached keys and values."""
     shared = [shared_length(group) for group in groups]
     flat = [(g, row) for g, group in enumerate(groups) for row in group]
-    # 1) the prefill: group g's first shared[g] tokens; its padding lands in cache slots that
-    #    the rows' own tokens overwrite before anything attends to them
+    # 1) the prefill: group g's first shared[g] tokens, right-padded (no row attends to the padding)
     prefix = torch.zeros(len(groups), max(max(shared), 1), dtype=torch.long)
     for g, group in enumerate(groups):
         prefix[g, : shared[g]] = torch.as_tensor(np.asarray(group[0][0][: shared[g]]))
-    width = max(max(len(tokens) - 1 - shared[g] for g, (tokens, _) in flat), 1)
-    cache = KVCache(model.config.n_layer, len(groups), max(prefix.size(1), max(shared) + width), device)
+    cache = PrefixCache(shared, device)
     with ctx:
         model(prefix.to(device), cache=cache)
     # 2) each row's own tokens after its group's prefix, its targets -1 before its start
-    cache.keep([g for g, _ in flat])
-    cache.lengths = torch.tensor([shared[g] for g, _ in flat], device=device)
+    cache.rows([g for g, _ in flat])
+    width = max(max(len(tokens) - 1 - shared[g] for g, (tokens, _) in flat), 1)
     x = torch.zeros(len(flat), width, dtype=torch.long)
     y = torch.full_like(x, -1)
     for j, (g, (tokens, start)) in enumerate(flat):

@@ -1,8 +1,8 @@
 """The lm-evaluation-harness model and the eval group's CORE and lm-eval tasks, on one tiny
 GPT-2-vocabulary run trained here (evaluating both inside training): its scores equal lm-eval's
 Hugging Face backend on the same model exported with `python -m nanogpt.export`, request by
-request; the eval command scores the run's checkpoint as training scored it. Offline: every task
-reads local files."""
+request; the eval command, over two ranks, scores the run's checkpoint as training scored it. Offline: every
+task reads local files."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import pytest
 
 import nanogpt.export
 from conftest import ROOT, TINY, run_script, write_core_bundle
+from nanogpt.plot import run_figures
 from nanogpt.rundir import read_metrics
 
 pytest.importorskip("lm_eval")
@@ -87,12 +88,17 @@ def run(tmp_path_factory, data_root):
     os.environ.update(OFFLINE)  # for the in-process lm-eval calls of the tests
     run_dir = tmp / "run"
     run_script("train.py", *TINY, "data=shakespeare", f"data.root={data_root}", f"hydra.run.dir={run_dir}",
-               "eval=[core,lm_eval]", "eval.interval=20", f"eval.tasks.core.path={bundle}",
-               f"eval.tasks.lm_eval.include_path={tmp / 'tasks'}", f"eval.tasks.lm_eval.tasks=[{','.join(TASKS)}]",
-               cwd=tmp, env=OFFLINE)
+               "eval.interval=20", *eval_overrides(bundle, tmp / "tasks"), cwd=tmp, env=OFFLINE)
     export = tmp / "hf"
     nanogpt.export.main([str(run_dir), str(export)])  # python -m nanogpt.export <run> <folder>
     return {"dir": run_dir, "bundle": bundle, "tasks": tmp / "tasks", "hf": export, "tmp": tmp}
+
+
+def eval_overrides(bundle, tasks) -> list[str]:
+    """CORE, the lm-eval tasks, and our own multiple-choice task on the lm-eval task's file."""
+    return ["eval=[core,lm_eval,hellaswag]", f"eval.tasks.core.path={bundle}", f"eval.tasks.lm_eval.include_path={tasks}",
+            f"eval.tasks.lm_eval.tasks=[{','.join(TASKS)}]", f"eval.tasks.hellaswag.path={tasks / 'nanogpt_mc.jsonl'}",
+            "eval.tasks.hellaswag.format=choices"]
 
 
 def simple_evaluate(model: str, model_args: str, tasks_folder, **kwargs) -> dict:
@@ -139,18 +145,19 @@ def test_generation_stops_at_its_until_strings(run):
     assert stop and cut == free[: free.index(stop)]
 
 
-def test_training_recorded_core_and_lm_eval_and_the_eval_command_agrees(run):
+def test_training_recorded_core_and_lm_eval_and_the_eval_command_on_two_ranks_agrees(run):
     records = [r for r in read_metrics(run["dir"]) if r.get("kind") == "tasks"]
     assert [r["iter"] for r in records] == [20]
     last = records[-1]
-    assert {"core", "core/mc", "core/lm", "lm_eval/nanogpt_mc/acc", "lm_eval/nanogpt_mc/acc_norm",
+    assert {"core", "core/mc", "core/lm", "hellaswag/acc", "lm_eval/nanogpt_mc/acc", "lm_eval/nanogpt_mc/acc_norm",
             "lm_eval/nanogpt_rolling/bits_per_byte", "lm_eval/nanogpt_gen/exact_match"} <= last.keys()
     assert last["core"] == pytest.approx((last["core/mc"] + last["core/lm"]) / 2)
-    out = run["tmp"] / "evaluated"
+    panels = [ax.get_ylabel() for ax in run_figures(run["dir"])["tasks"].axes if ax.get_visible()]
+    assert panels == [k for k in last if k not in ("iter", "kind", "tokens", "train_time_s")]  # a panel each
+    out = run["tmp"] / "evaluated"  # over two ranks: each scores its share
     proc = subprocess.run(
-        [sys.executable, "-m", "nanogpt.eval", f"init_from={run['dir']}", "eval=[core,lm_eval]", "system=cpu",
-         f"eval.tasks.core.path={run['bundle']}", f"eval.tasks.lm_eval.include_path={run['tasks']}",
-         f"eval.tasks.lm_eval.tasks=[{','.join(TASKS)}]", f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.eval",
+         f"init_from={run['dir']}", "system=cpu", *eval_overrides(run["bundle"], run["tasks"]), f"hydra.run.dir={out}"],
         cwd=run["tmp"], capture_output=True, text=True, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads((out / "eval.json").read_text())["scores"]
