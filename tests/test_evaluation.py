@@ -435,3 +435,51 @@ def test_core_equals_nanochats_rules_one_example_at_a_time(tmp_path):
     assert {sub.label: len(sub.rows) for sub in subtasks} == {"mc_two_shot": 9, "schema_one_shot": 7, "lm_zero_shot": 6}
     assert True in decisions["lm_zero_shot"] and False in decisions["lm_zero_shot"]  # the rule is exercised both ways
     assert result.counts["mc_two_shot"]["cut"] >= 1  # the long row (and its few-shot neighbours) cut to the block
+
+
+GOOD_CORE = {"mc": {"kind": "multiple_choice", "fewshot": 0, "baseline": 25.0,
+                    "rows": [{"query": "Q", "choices": ["a", "b"], "gold": 1}] * 3}}
+
+
+def break_bundle(bundle, case: str) -> str:
+    """Break a good bundle one way; the start of the one line expected about it."""
+    task_file = bundle / "eval_data" / "mine" / "mc.jsonl"
+    if case == "missing task file":
+        task_file.unlink()
+        return f"{bundle / 'core.yaml'}: task mc: no file {task_file}"
+    if case == "gold outside the choices":
+        task_file.write_text('{"query": "Q", "choices": ["a", "b"], "gold": 1}\n{"query": "Q", "choices": ["a", "b"], "gold": 2}\n')
+        return f"{task_file}:2: gold 2 is not one of the 2 choices (0 to 1); a row is"
+    if case == "no baseline":
+        (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nother,25\n")
+        return f"{bundle / 'eval_meta_data.csv'}: no row for task mc"
+    if case == "unknown task type":
+        (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("multiple_choice", "ranking"))
+        return f"{bundle / 'core.yaml'}: icl_tasks[0] (mc): icl_task_type 'ranking' is not one of"
+    (bundle / "core.yaml").unlink()
+    return "eval task core: no core.yaml in eval.tasks.core.path="
+
+
+@pytest.mark.parametrize("case", ["missing task file", "gold outside the choices", "no baseline", "unknown task type",
+                                  "no core.yaml"])
+def test_a_broken_core_bundle_is_one_line(tmp_path, case):
+    bundle = write_core_bundle(tmp_path / "eval_bundle", GOOD_CORE)
+    expected = break_bundle(bundle, case)
+    with pytest.raises(UserError) as e:
+        CoreTask(CoreConfig(path=str(bundle)), "core", "/nonexistent").subtasks()
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+def test_core_and_lm_eval_refuse_a_vocabulary_without_end_of_text(tmp_path, tiny_config):
+    from nanogpt.config import LmEvalConfig
+    from nanogpt.tasks import LmEvalTask
+
+    task = CoreTask(CoreConfig(path=str(write_core_bundle(tmp_path / "b", GOOD_CORE))), "core", "/nonexistent")
+    with pytest.raises(UserError, match="eval task core: CORE's prompts start with the end-of-text token"):
+        task.render(task.subtasks()[0], CharTokenizer("Qab "), 64)
+    with pytest.raises(UserError, match="eval task lm_eval: lm-eval's requests start from the end-of-text token"):
+        LmEvalTask(LmEvalConfig(tasks=["x"]), "lm_eval", "/nonexistent").load(CharTokenizer("Qab "))
+    with pytest.raises(UserError, match=r"set eval.tasks.core.path=<folder>"):
+        tiny_config("eval=[core]")
+    with pytest.raises(UserError, match=r"eval.tasks.core.path: /no/bundle does not exist"):
+        tiny_config("eval=[core]", "eval.tasks.core.path=/no/bundle")
