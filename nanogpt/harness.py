@@ -23,9 +23,11 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
+from torch.distributed.fsdp import FSDPModule
 
 from nanogpt import distributed
 from nanogpt.checkpoint import load_model, rng_state, set_rng_state
+from nanogpt.device import autocast
 from nanogpt.errors import UserError
 from nanogpt.sampling import Sampling, generate
 from nanogpt.scoring import Row, score_groups
@@ -51,10 +53,16 @@ class NanoGPTLM(TemplateLM):
         self._rank, self._world_size = self.dist.rank, self.dist.world_size
 
     @classmethod
-    def load(cls, init_from: str, device: str = "cpu", batch_size: int = 16, **ignored) -> "NanoGPTLM":
-        """A model as `init_from` names it: a run folder, a checkpoint, gpt2*, a Hugging Face folder."""
+    def load(cls, init_from: str, device: str = "cpu", batch_size: int | str = 16, dtype: str = "float32",
+             max_batch_size: int | None = None) -> "NanoGPTLM":
+        """A model as `init_from` names it (a run folder, a checkpoint, gpt2*, a Hugging Face
+        folder) on `device`, scored under autocast to `dtype` (float32: none). lm-eval's
+        batch_size=auto takes 16; max_batch_size is lm-eval's and unused."""
         model, meta = load_model(str(init_from))
-        return cls(model.to(device).eval(), tokenizer_from_meta(meta or {"tokenizer": "gpt2"}), batch_size)
+        device = torch.device(device)
+        batch = int(batch_size) if str(batch_size).isdigit() else 16
+        return cls(model.to(device).eval(), tokenizer_from_meta(meta or {"tokenizer": "gpt2"}), batch,
+                   autocast(device, getattr(torch, dtype)), device=device)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "NanoGPTLM":
@@ -116,7 +124,7 @@ class NanoGPTLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each context continued (greedy unless do_sample) up to max_gen_toks tokens, cut before
         the first of its `until` strings or the end-of-text token; one batch per setting."""
-        if self.dist.world_size > 1 and isinstance(self.model, torch.distributed.fsdp.FSDPModule):
+        if self.dist.world_size > 1 and isinstance(self.model, FSDPModule):
             raise UserError("lm-eval's generation tasks cannot run on a sharded (FSDP) model over several ranks: "
                             "evaluate the run with python -m nanogpt.eval on one rank")
         by_setting: dict[tuple, list[int]] = {}
@@ -131,15 +139,23 @@ class NanoGPTLM(TemplateLM):
         for (max_new, temperature), ns in by_setting.items():
             for i in range(0, len(ns), self.batch_size):
                 batch = ns[i : i + self.batch_size]
-                texts = lambda row: self.vocab.decode(row.tokens[len(prompts[batch[row.prompt]]):])  # noqa: E731
-                stopped = lambda row: any(s in texts(row) for s in stops[batch[row.prompt]])  # noqa: E731
-                with self.autocast:
-                    rows = generate(self.model, [prompts[n] for n in batch], 1, max_new, Sampling(temperature), stopped)
-                for row in rows:
-                    text = texts(row)
-                    for s in stops[batch[row.prompt]]:
-                        text = text.split(s)[0]
-                    out[batch[row.prompt]] = text
+                texts = self._generate([prompts[n] for n in batch], [stops[n] for n in batch], max_new, temperature)
+                for n, text in zip(batch, texts):
+                    out[n] = text
+        return out
+
+    def _generate(self, prompts: list[list[int]], stops: list[list[str]], max_new: int, temperature: float) -> list[str]:
+        """Each prompt's new text, decoded as one batch, cut before the first of its stop strings."""
+        new_text = lambda row: self.vocab.decode(row.tokens[len(prompts[row.prompt]) :])  # noqa: E731
+        stopped = lambda row: any(s in new_text(row) for s in stops[row.prompt])  # noqa: E731
+        with self.autocast:
+            rows = generate(self.model, prompts, 1, max_new, Sampling(temperature), stopped)
+        out = []
+        for row in rows:  # one a prompt, in order
+            text = new_text(row)
+            for s in stops[row.prompt]:
+                text = text.split(s)[0]
+            out.append(text)
         return out
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

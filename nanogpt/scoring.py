@@ -52,9 +52,10 @@ def shared_length(rows: list[Row]) -> int:
     """How many input tokens a group's rows share before any row's first scored target: the
     common prefix of their inputs (tokens[:-1]), short of every row's start."""
     k = min(min(start, len(tokens)) - 1 for tokens, start in rows)
-    first = rows[0][0]
+    first = np.asarray(rows[0][0][:k])
     for tokens, _ in rows[1:]:
-        k = next((i for i in range(k) if tokens[i] != first[i]), k)
+        differ = np.flatnonzero(np.asarray(tokens[:k]) != first[:k])
+        k = int(differ[0]) if len(differ) else k
     return k
 
 
