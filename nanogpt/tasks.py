@@ -289,6 +289,10 @@ class CoreTask:
             rows = read_rows(file, lambda row, where, kind=sub.kind: core_row(row, kind), CORE_ROWS[sub.kind])
             random.Random(1337).shuffle(rows)  # the reference's order: limit takes the same rows
             sub.rows = rows[: self.config.limit] if self.config.limit else rows
+            if sub.num_fewshot >= len(sub.rows):  # the shots are drawn from the other rows kept
+                raise UserError(f"eval task {self.name}: {sub.label} shows {sub.num_fewshot} solved examples before "
+                                f"each row, drawn from the others of the {len(sub.rows)} kept: set "
+                                f"eval.tasks.{self.name}.limit to more than {sub.num_fewshot} (or leave it unset)")
             out.append(sub)
         if not out:
             raise UserError(f"{spec}: no tasks: icl_tasks is an empty or missing list")
@@ -378,6 +382,8 @@ def core_subtask(entry, spec: Path, i: int, chance: dict[str, float], baselines:
     if not isinstance(entry, dict) or not {"label", "dataset_uri", "num_fewshot", "icl_task_type"} <= set(entry):
         raise UserError(f"{where}: an entry has label, dataset_uri, num_fewshot and icl_task_type")
     label, kind, shots = entry["label"], entry["icl_task_type"], entry["num_fewshot"]
+    if not isinstance(entry["dataset_uri"], str):
+        raise UserError(f"{where} ({label}): dataset_uri {entry['dataset_uri']!r} is not a path under eval_data/")
     if kind not in CORE_ROWS:
         raise UserError(f"{where} ({label}): icl_task_type {kind!r} is not one of {', '.join(CORE_ROWS)}")
     shots = shots[0] if isinstance(shots, list) and shots else shots  # a list: the first is used

@@ -456,12 +456,15 @@ def break_bundle(bundle, case: str) -> str:
     if case == "unknown task type":
         (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("multiple_choice", "ranking"))
         return f"{bundle / 'core.yaml'}: icl_tasks[0] (mc): icl_task_type 'ranking' is not one of"
+    if case == "more shots than rows":
+        (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("- 0", "- 3"))
+        return "eval task core: mc shows 3 solved examples before each row, drawn from the others of the 3 kept"
     (bundle / "core.yaml").unlink()
     return "eval task core: no core.yaml in eval.tasks.core.path="
 
 
 @pytest.mark.parametrize("case", ["missing task file", "gold outside the choices", "no baseline", "unknown task type",
-                                  "no core.yaml"])
+                                  "more shots than rows", "no core.yaml"])
 def test_a_broken_core_bundle_is_one_line(tmp_path, case):
     bundle = write_core_bundle(tmp_path / "eval_bundle", GOOD_CORE)
     expected = break_bundle(bundle, case)
