@@ -85,13 +85,15 @@ def run(tmp_path_factory, data_root):
         data = tmp / "tasks" / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS[name]))
         (tmp / "tasks" / f"{name}.yaml").write_text(yaml.format(data=data))
-    os.environ.update(OFFLINE)  # for the in-process lm-eval calls of the tests
     run_dir = tmp / "run"
     run_script("train.py", *TINY, "data=shakespeare", f"data.root={data_root}", f"hydra.run.dir={run_dir}",
                "eval.interval=20", *eval_overrides(bundle, tmp / "tasks"), cwd=tmp, env=OFFLINE)
     export = tmp / "hf"
     nanogpt.export.main([str(run_dir), str(export)])  # python -m nanogpt.export <run> <folder>
-    return {"dir": run_dir, "bundle": bundle, "tasks": tmp / "tasks", "hf": export, "tmp": tmp}
+    with pytest.MonkeyPatch.context() as env:  # offline for the tests' own lm-eval calls too
+        for key, value in OFFLINE.items():
+            env.setenv(key, value)
+        yield {"dir": run_dir, "bundle": bundle, "tasks": tmp / "tasks", "hf": export, "tmp": tmp}
 
 
 def eval_overrides(bundle, tasks) -> list[str]:
@@ -99,6 +101,12 @@ def eval_overrides(bundle, tasks) -> list[str]:
     return ["eval=[core,lm_eval,hellaswag]", f"eval.tasks.core.path={bundle}", f"eval.tasks.lm_eval.include_path={tasks}",
             f"eval.tasks.lm_eval.tasks=[{','.join(TASKS)}]", f"eval.tasks.hellaswag.path={tasks / 'nanogpt_mc.jsonl'}",
             "eval.tasks.hellaswag.format=choices"]
+
+
+def eval_command(run, *args: str) -> subprocess.CompletedProcess:
+    """`python <args> init_from=<the run> system=cpu`, offline, importing this tree's nanogpt."""
+    return subprocess.run([sys.executable, *args, f"init_from={run['dir']}", "system=cpu"], cwd=run["tmp"],
+                          capture_output=True, text=True, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
 
 
 def simple_evaluate(model: str, model_args: str, tasks_folder, **kwargs) -> dict:
@@ -155,10 +163,8 @@ def test_training_recorded_core_and_lm_eval_and_the_eval_command_on_two_ranks_ag
     panels = [ax.get_ylabel() for ax in run_figures(run["dir"])["tasks"].axes if ax.get_visible()]
     assert panels == [k for k in last if k not in ("iter", "kind", "tokens", "train_time_s")]  # a panel each
     out = run["tmp"] / "evaluated"  # over two ranks: each scores its share
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.eval",
-         f"init_from={run['dir']}", "system=cpu", *eval_overrides(run["bundle"], run["tasks"]), f"hydra.run.dir={out}"],
-        cwd=run["tmp"], capture_output=True, text=True, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
+    proc = eval_command(run, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.eval",
+                        *eval_overrides(run["bundle"], run["tasks"]), f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads((out / "eval.json").read_text())["scores"]
     assert scores == pytest.approx({k: v for k, v in last.items() if k in scores}, abs=1e-9)
@@ -166,11 +172,8 @@ def test_training_recorded_core_and_lm_eval_and_the_eval_command_on_two_ranks_ag
 
 
 def test_an_lm_eval_task_that_does_not_exist_is_one_line_before_any_model_work(run):
-    proc = subprocess.run(
-        [sys.executable, "-m", "nanogpt.eval", f"init_from={run['dir']}", "eval=[lm_eval]", "system=cpu",
-         f"eval.tasks.lm_eval.include_path={run['tasks']}", "eval.tasks.lm_eval.tasks=[nanogpt_mc,hellaswagg]",
-         f"hydra.run.dir={run['tmp'] / 'refused'}"],
-        cwd=run["tmp"], capture_output=True, text=True, env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)})
+    proc = eval_command(run, "-m", "nanogpt.eval", "eval=[lm_eval]", f"eval.tasks.lm_eval.include_path={run['tasks']}",
+                        "eval.tasks.lm_eval.tasks=[nanogpt_mc,hellaswagg]", f"hydra.run.dir={run['tmp'] / 'refused'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: eval.tasks.lm_eval.tasks: lm-eval has no task 'hellaswagg'"), line
