@@ -10,11 +10,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import nanogpt.export
 from conftest import ROOT, TINY, run_script, write_core_bundle
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.export import export
+from nanogpt.model import GPT, GPTConfig
 from nanogpt.plot import run_figures
 from nanogpt.rundir import read_metrics
+from nanogpt.tokenizer import TiktokenTokenizer
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.slow
@@ -140,17 +145,32 @@ def test_scores_and_every_request_equal_lm_evals_hugging_face_backend(run):
         assert ours["results"]["nanogpt_rolling"][metric] == pytest.approx(hf["results"]["nanogpt_rolling"][metric], rel=1e-4)
 
 
-def test_generation_stops_at_its_until_strings(run):
+def test_generation_equals_lm_evals_hugging_face_backend_and_stops_at_its_until_strings(tmp_path, monkeypatch):
+    """On a model of random weights (the trained tiny run greedily repeats one token, so its
+    generations would all look alike): generate_until's texts equal lm-eval's Hugging Face
+    backend's on the same model exported, and are cut before the first until string."""
     from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
 
     from nanogpt.harness import NanoGPTLM
 
-    lm = NanoGPTLM.load(str(run["dir"]))
-    request = lambda until: Instance("generate_until", {}, (LINES[0][:20], {"until": until, "max_gen_toks": 24}), 0)  # noqa: E731
-    free, = lm.generate_until([request([])])
-    stop = free[len(free) // 2 : len(free) // 2 + 2]  # a string the free generation reaches midway
-    cut, = lm.generate_until([request([stop])])
-    assert stop and cut == free[: free.index(stop)]
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False)).eval()
+    save_checkpoint({"model": model.state_dict(), "model_args": vars(model.config), "meta": {"tokenizer": "gpt2"}},
+                    tmp_path / "ckpt.pt")
+    export(tmp_path / "ckpt.pt", tmp_path / "hf")
+    ours = NanoGPTLM(model, TiktokenTokenizer("gpt2"), batch_size=3)
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=3)
+    requests = lambda until: [Instance("generate_until", {}, (line[:20], {"until": until, "max_gen_toks": 10,  # noqa: E731
+                                                                         "do_sample": False}), i) for i, line in enumerate(LINES[:3])]
+    free = ours.generate_until(requests([]))  # 10 tokens each, different for each context
+    assert len(set(free)) == 3 and all(free)
+    stop = free[0][len(free[0]) // 2 :][:2]  # a string the first generation reaches midway
+    cut = ours.generate_until(requests([stop, "never"]))
+    assert cut == [text[: text.index(stop)] if stop in text else text for text in free] and len(cut[0]) < len(free[0])
+    assert cut == theirs.generate_until(requests([stop, "never"]))
 
 
 def test_training_recorded_core_and_lm_eval_and_the_eval_command_on_two_ranks_agrees(run):
