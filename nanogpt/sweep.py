@@ -3,13 +3,17 @@
 Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
 with its error, interrupted, preempted) and metrics.jsonl (losses, speed, the eval group's scores).
 The summary is summary.csv in the sweep folder plus a printed table, best val loss first (or by
-any column: --sort hellaswag/acc_norm), with a column for each task metric's last value. It is written
+any column: --sort hellaswag/acc_norm), with a column for each task metric's last value, the model's
+size and budget (from its start record) and the tokens and FLOPs it trained on. It is written
 
 - by SweepSummary.on_multirun_end, when every job returned;
 - by write_pending() in train.py's `finally`: Hydra skips on_multirun_end when a job failed
   (the sweeper re-raises the first failure, the submitit launcher raises for a job that died);
 - on demand, for any sweep folder, finished or still running:
       python -m nanogpt.sweep multirun/2026-11-25/10-00-00 [--sort bpb]
+
+A sweep of budgeted runs (flops_budget, tokens_per_param) also gets its scaling laws at its end
+(nanogpt/scaling.py reads the summary).
 """
 
 import argparse
@@ -28,7 +32,9 @@ from nanogpt.rundir import read_metrics, read_status, task_scores, write_status
 from nanogpt.runs import describe
 
 SUMMARY = "summary.csv"
-COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", "overrides", "error"]
+SIZE = ["params", "params_non_embedding", "flops_per_token", "tokens_per_param", "flops_budget"]  # its start record's
+COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", *SIZE, "tokens", "flops",
+           "overrides", "error"]
 
 _NO_ERROR = {  # what a status without an error message means
     "unknown": "no status.json: the job stopped before training (see its log)",
@@ -59,8 +65,14 @@ class SweepSummary(Callback):
 
 def write_pending() -> None:
     """Summarise the sweeps this process started and has not summarised yet."""
+    from nanogpt.scaling import after_sweep  # matplotlib and scipy: loaded only at a sweep's end
+
     while _pending:
-        print(write_summary(_pending.pop()))
+        sweep_dir = _pending.pop()
+        print(write_summary(sweep_dir))
+        report = after_sweep(sweep_dir)  # a sweep of budgeted runs: scaling.json, scaling.png
+        if report:
+            print(report)
 
 
 def write_summary(sweep_dir: Path, sort: str | None = None) -> str:
@@ -103,6 +115,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     tasks = [m for m in metrics if m.get("kind") == "tasks"]
     scores = task_scores(tasks[-1]) if tasks else {}
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
+    start = next((m for m in reversed(metrics) if m.get("kind") == "start"), {})
+    spent = next((m for m in reversed(metrics) if "flops" in m), {})  # the last record: tokens and FLOPs trained
     end = time.time() if run.status == "running" else status.get("time", run.started)
     return {
         "job": str(job_dir.relative_to(sweep_dir)),
@@ -113,6 +127,9 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "iters": run.iters,
         "tokens_per_s": statistics.median(speed) if speed else None,
         "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait
+        **{k: start.get(k) for k in SIZE},
+        "tokens": spent.get("tokens"),
+        "flops": spent.get("flops"),
         "overrides": run.overrides,
         "error": status.get("error") or _NO_ERROR.get(run.status, ""),
     }
