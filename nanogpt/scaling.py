@@ -295,6 +295,10 @@ def _isoflop_panels(axes, report: dict) -> None:
     curves.legend(fontsize="small")
     fitted = [b for b in report["isoflop"] if b["fitted"]]
     for ax, key, law, name in ((n_ax, "n_opt", report["n_opt_law"], "N_opt"), (d_ax, "d_opt", report["d_opt_law"], "D_opt")):
+        ax.set(xlabel="C (FLOPs)", ylabel=name, title=f"{name} against compute")
+        if not fitted:
+            ax.text(0.5, 0.5, "no budget fitted", ha="center", va="center", transform=ax.transAxes)
+            continue
         c = np.array([b["flops_budget"] for b in fitted])
         ax.plot(c, [b[key] for b in fitted], "o", label=name)
         if key == "d_opt":
@@ -302,7 +306,7 @@ def _isoflop_panels(axes, report: dict) -> None:
         if law and law["fitted"]:
             x = np.geomspace(c.min(), c.max(), 50)
             ax.plot(x, law["coefficient"] * x ** law["exponent"], "-", label=f"{name} ∝ C^{law['exponent']:.2f}")
-        ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel=name, title=f"{name} against compute")
+        ax.set(xscale="log", yscale="log")
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3, which="both")
 
