@@ -244,7 +244,7 @@ def format_report(report: dict) -> str:
     for s in report["miniseries"]:
         fit = (f"L(C) = {s['E']:.4f} + {s['A']:.4g} C^-{s['alpha']:.4f}" if s["fitted"] else f"not fitted: {s['reason']}")
         lines.append(f"miniseries tokens_per_param={s['tokens_per_param']:g}, {len(s['points'])} runs: {fit}")
-    lines += [f"left out {j['job']} ({j['overrides']}): {j['reason']}" for j in report["left_out"]]
+    lines += [f"left out {j['job']}: {j['reason']}" for j in report["left_out"]]
     return "\n".join(lines)
 
 
