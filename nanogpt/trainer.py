@@ -121,7 +121,8 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         state = checkpointer.restore(saved) if saved is not None else TrainState()
         recorder = start_recording(config, config_dict, run, run_dir, state if saved is not None else None, dist)
         state.tracker_ids = recorder.run_ids()
-        recorder.log(start_record(config, raw_model, state.iter_num))
+        if saved is None:  # a resumed run's metrics.jsonl keeps its start record (its iteration 0)
+            recorder.log(start_record(config, raw_model))
         log_setup(config, training, state, run_dir, dist)
 
         # 5) the loop, inside the debug presets' instruments (profiler, anomaly checks)
@@ -374,10 +375,10 @@ def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_di
                                             resume_iter=resume_iter))
 
 
-def start_record(config: TrainConfig, model: torch.nn.Module, it: int) -> dict:
-    """What a start (or a resume) trains and for how long: the metrics.jsonl record of kind "start"."""
+def start_record(config: TrainConfig, model: torch.nn.Module) -> dict:
+    """What the run trains and for how long: the metrics.jsonl record of kind "start", at iteration 0."""
     budget = {k: getattr(config, k) for k in ("tokens_per_param", "flops_budget") if getattr(config, k) is not None}
-    return {"iter": it, "kind": "start", "params": params(model), "params_non_embedding": params_non_embedding(model),
+    return {"iter": 0, "kind": "start", "params": params(model), "params_non_embedding": params_non_embedding(model),
             "flops_per_token": flops_per_token(model), "tokens_per_iter": tokens_per_iter(config, model.config.block_size),
             "max_iters": config.max_iters, **budget}
 
