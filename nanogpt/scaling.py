@@ -98,13 +98,13 @@ def sort_runs(rows: list[dict], metric: str) -> tuple[dict[float, list[Point]], 
             reason = f"{row.get('status')}: {row.get('error') or 'no error recorded'}"
         elif _number(row.get(metric)) is None:
             reason = f"no {metric} recorded"
-        elif None in (_number(row.get("params_non_embedding")), _number(row.get("tokens"))):
-            reason = "no size or token count recorded (a run from before the start record)"
+        elif None in (_number(row.get(k)) for k in ("params_non_embedding", "tokens", "flops")):
+            reason = "no size, tokens or FLOPs recorded (a run from before the start record)"
         if reason:
             left_out.append({"job": row["job"], "overrides": row.get("overrides", ""), "reason": reason})
             continue
         point = Point(row["job"], _number(row[metric]), int(_number(row["params_non_embedding"])),
-                      int(_number(row["tokens"])), _number(row.get("flops")) or math.nan)
+                      int(_number(row["tokens"])), _number(row["flops"]))
         (isoflop.setdefault(budget, []) if budget is not None else series.setdefault(ratio, [])).append(point)
     return isoflop, series, left_out
 
@@ -166,8 +166,8 @@ def compute_law(points: list[Point]) -> dict:
     smallest run's FLOPs so that the three parameters are of like size)."""
     points = sorted(points, key=lambda p: p.c)
     result = {"points": [asdict(p) for p in points]}
-    if len(points) < 3 or any(math.isnan(p.c) for p in points):
-        return result | {"fitted": False, "reason": f"{len(points)} finished run(s) with FLOPs: L(C) needs 3"}
+    if len(points) < 3:
+        return result | {"fitted": False, "reason": f"{len(points)} finished run(s): L(C) needs 3"}
     c, loss = np.array([p.c for p in points]), np.array([p.loss for p in points])
     unit = c[0]
     law = lambda x, e, a, alpha: e + a * x ** -alpha  # noqa: E731
