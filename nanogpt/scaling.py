@@ -251,7 +251,7 @@ def format_report(report: dict) -> str:
 def _law(law: dict) -> str:
     if not law["fitted"]:
         return f"a: not fitted, {law['reason']}"
-    error = "" if law["exponent_error"] is None else f" ± {law['exponent_error']:.3f}"
+    error = " (2 budgets: no error)" if law["exponent_error"] is None else f" ± {law['exponent_error']:.3f}"
     return f"{law['exponent']:.3f}{error}"
 
 
@@ -292,6 +292,7 @@ def _isoflop_panels(axes, report: dict) -> None:
         if b["fitted"]:
             curves.plot(b["n_opt"], b["loss_opt"], "*", color=colour, markersize=14, markeredgecolor="k")
     curves.set(xscale="log", xlabel="N (parameters without embeddings)", ylabel=report["metric"], title="isoFLOP curves")
+    curves.tick_params(which="minor", labelsize="x-small")  # labelled when the range spans less than a decade
     curves.legend(fontsize="small")
     fitted = [b for b in report["isoflop"] if b["fitted"]]
     for ax, key, law, name in ((n_ax, "n_opt", report["n_opt_law"], "N_opt"), (d_ax, "d_opt", report["d_opt_law"], "D_opt")):
@@ -307,6 +308,7 @@ def _isoflop_panels(axes, report: dict) -> None:
             x = np.geomspace(c.min(), c.max(), 50)
             ax.plot(x, law["coefficient"] * x ** law["exponent"], "-", label=f"{name} ∝ C^{law['exponent']:.2f}")
         ax.set(xscale="log", yscale="log")
+        ax.tick_params(which="minor", labelsize="x-small")
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3, which="both")
 
