@@ -17,20 +17,22 @@ PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 CONTEXT = 64  # a small context: the attention term is counted at the model's block_size
 
 
-def preset_model(name: str, device: str) -> GPT:
+def preset_config(name: str) -> GPTConfig:
     config = to_train_config(compose_cfg(f"model={name}", f"model.block_size={CONTEXT}")).model
     config.vocab_size = config.vocab_size or 65
-    with torch.device(device):
-        return GPT(config)
+    return config
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_flops_per_token_is_what_torchs_flop_counter_counts(preset):
     """A forward and backward of each preset, attention on SDPA's math path (the counter does not
     see the fused CPU kernel); presets over 2M parameters on the meta device (shapes only)."""
-    small = params(preset_model(preset, "meta")) < 2e6
-    model = preset_model(preset, "cpu" if small else "meta")
-    x = torch.randint(0, model.config.vocab_size, (2, CONTEXT), device="cpu" if small else "meta")
+    config = preset_config(preset)
+    with torch.device("meta"):
+        device = "cpu" if params(GPT(config)) < 2e6 else "meta"
+    with torch.device(device):
+        model = GPT(config)
+        x = torch.randint(0, config.vocab_size, (2, CONTEXT))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         _, loss = model(x, x)
         loss.backward()
