@@ -131,9 +131,9 @@ def isoflop_fit(budget: float, points: list[Point]) -> dict:
     result |= {"parabola_ln_n": by_n.tolist(), "parabola_ln_d": by_d.tolist()}
     best = points[int(np.argmin(loss))]
     if best.n in (points[0].n, points[-1].n):
-        side = "smallest" if best.n == points[0].n else "largest"
+        side, add = ("smallest", "smaller") if best.n == points[0].n else ("largest", "larger")
         return result | {"fitted": False, "reason": f"the best run ({best.job}, N={best.n:,}) is the {side} model: "
-                                                    f"the minimum may lie beyond; add a {side[:-3]}er depth"}
+                                                    f"the minimum may lie beyond; add a {add} depth"}
     if by_n[0] <= 0 or by_d[0] <= 0:
         return result | {"fitted": False, "reason": "the parabola opens downwards: the losses form no valley"}
     n_opt, d_opt = math.exp(-by_n[1] / (2 * by_n[0])), math.exp(-by_d[1] / (2 * by_d[0]))
