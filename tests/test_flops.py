@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import CONF, compose_cfg
+from conftest import CONF, TINY, compose_cfg, run_script
 from nanogpt.config import to_train_config
 from nanogpt.errors import UserError
 from nanogpt.flops import budget_iters, flops_per_token, params, params_non_embedding
@@ -96,3 +96,25 @@ def test_a_budget_sets_max_iters(tiny_config):
     for iters, expected in ((2.4, 2), (2.6, 3)):  # rounded to the nearest
         assert budget_iters(params_non_embedding=n, flops_per_token=flops, tokens_per_iter=tokens,
                             tokens_per_param=iters * tokens / n) == expected
+
+
+@pytest.mark.slow
+def test_a_wrong_budget_is_one_line_before_any_work(tmp_path, data_root):
+    """Both budgets, a budget beside an explicit max_iters=, a budget short of one iteration: exit 2
+    with one line, and the run folder holds only .hydra."""
+    cases = [
+        (["tokens_per_param=20", "flops_budget=1e12"], "tokens_per_param and flops_budget both set the run's length"),
+        (["flops_budget=1e12", "max_iters=20"], "flops_budget=1e+12 sets max_iters: drop max_iters=20"),
+        (["tokens_per_param=1e-3"], "the smallest budget that works is tokens_per_param=0.00481"),  # 128 / 26,656
+    ]
+    tiny = [o for o in TINY if not o.startswith("max_iters=")]
+    for i, (budget, message) in enumerate(cases):
+        run_dir = tmp_path / f"run{i}"
+        proc = run_script("train.py", *tiny, f"data.root={data_root}", *budget, f"hydra.run.dir={run_dir}",
+                          cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra"]
+    # a budget sizes a run from scratch: not one that starts from other weights
+    with pytest.raises(UserError, match="tokens_per_param sizes a run trained from scratch, not from init_from=gpt2"):
+        budgeted(to_train_config(compose_cfg(*TINY, "tokens_per_param=20", "init_from=gpt2")), overrides=[])
