@@ -380,7 +380,7 @@ def start_record(config: TrainConfig, model: torch.nn.Module) -> dict:
     budget = {k: getattr(config, k) for k in ("tokens_per_param", "flops_budget") if getattr(config, k) is not None}
     return {"iter": 0, "kind": "start", "params": params(model), "params_non_embedding": params_non_embedding(model),
             "flops_per_token": flops_per_token(model), "tokens_per_iter": tokens_per_iter(config, model.config.block_size),
-            "max_iters": config.max_iters, **budget}
+            "max_iters": config.max_iters, **budget, "tokens": 0, "flops": 0, "train_time_s": 0.0}  # the counters' start
 
 
 def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path, dist: distributed.DistInfo) -> None:
