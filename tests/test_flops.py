@@ -1,6 +1,8 @@
 """FLOPs (nanogpt/flops.py): the structural count against torch's own FLOP counter for every model
 preset, the sizes by hand, and a budget's max_iters by hand."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -108,13 +110,14 @@ def test_a_wrong_budget_is_one_line_before_any_work(tmp_path, data_root):
         (["tokens_per_param=1e-3"], "the smallest budget that works is tokens_per_param=0.00481"),  # 128 / 26,656
     ]
     tiny = [o for o in TINY if not o.startswith("max_iters=")]
-    for i, (budget, message) in enumerate(cases):
-        run_dir = tmp_path / f"run{i}"
-        proc = run_script("train.py", *tiny, f"data.root={data_root}", *budget, f"hydra.run.dir={run_dir}",
-                          cwd=tmp_path, check=False)
+    with ThreadPoolExecutor(len(cases)) as pool:  # three processes at once: most of each is start-up
+        procs = pool.map(lambda i: run_script("train.py", *tiny, f"data.root={data_root}", *cases[i][0],
+                                              f"hydra.run.dir={tmp_path / f'run{i}'}", cwd=tmp_path, check=False),
+                         range(len(cases)))
+    for i, proc in enumerate(procs):
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra"]
+        assert cases[i][1] in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+        assert sorted(p.name for p in (tmp_path / f"run{i}").iterdir()) == [".hydra"]
     # a budget sizes a run from scratch: not one that starts from other weights
     with pytest.raises(UserError, match="tokens_per_param sizes a run trained from scratch, not from init_from=gpt2"):
         budgeted(to_train_config(compose_cfg(*TINY, "tokens_per_param=20", "init_from=gpt2")), overrides=[])
