@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import linregress
 
 from conftest import run_script
 from nanogpt.scaling import after_sweep, analyse, main
@@ -47,6 +48,13 @@ def test_isoflop_fits_recover_the_analytic_optimum():
     assert report["n_opt_law"]["exponent"] == pytest.approx(BETA / (ALPHA + BETA), rel=0.05)
     assert report["d_opt_law"]["exponent"] == pytest.approx(ALPHA / (ALPHA + BETA), rel=0.05)
     assert report["n_opt_law"]["exponent_error"] < 0.05 and report["left_out"] == []
+    # the power laws, again by scipy's linregress: slope, its standard error and the coefficient
+    c = np.log([b["flops_budget"] for b in report["isoflop"]])
+    for law, key in (("n_opt_law", "n_opt"), ("d_opt_law", "d_opt")):
+        line = linregress(c, np.log([b[key] for b in report["isoflop"]]))
+        fit = report[law]
+        assert (fit["exponent"], fit["exponent_error"], fit["coefficient"]) == pytest.approx(
+            (line.slope, line.stderr, math.exp(line.intercept)), rel=1e-6)
 
 
 def test_budgets_that_cannot_be_fitted_say_why_and_failed_jobs_are_named():
