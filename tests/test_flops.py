@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import CONF, TINY, compose_cfg, run_script
-from nanogpt.config import to_train_config
+from nanogpt.config import build, to_train_config
 from nanogpt.errors import UserError
 from nanogpt.flops import budget_iters, flops_per_token, params, params_non_embedding
 from nanogpt.model import GPT, GPTConfig
@@ -90,6 +90,9 @@ def test_a_budget_sets_max_iters(tiny_config):
     tokens = 4 * 32  # per iteration: batch 4 x block 32
     config = budgeted(tiny_config("tokens_per_param=20", "schedule.warmup_fraction=0.1"), overrides=[])
     assert config.max_iters == round(20 * n / tokens) == config.schedule.lr_decay_iters == 4165
+    lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)  # warmup: 10% of the run, 416 steps
+    floor = config.schedule.min_lr / config.optim.learning_rate
+    assert (lr_scale(415), lr_scale(416), lr_scale(4165)) == pytest.approx((416 / 417, 1.0, floor))
     config = budgeted(tiny_config("flops_budget=3e10"), overrides=[])
     assert config.max_iters == round(3e10 / (flops * tokens)) == 1270
     assert flops * tokens == 23_617_536  # an iteration's FLOPs: 2.37e7 rounded up
