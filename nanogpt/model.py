@@ -241,14 +241,6 @@ class GPT(nn.Module):
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 
-    def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count, a tied head counted once. non_embedding drops the position embedding,
-        as nanoGPT does; the token embedding stays since it is the (tied) head."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
         """idx (B, T) -> (logits, loss). With a cache, idx follows the tokens cached so far: their
         keys and values are attended over, and idx's are appended (sampling)."""
