@@ -18,7 +18,7 @@ from nanogpt.checkpoint import save_checkpoint
 from nanogpt.export import export
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.plot import run_figures
-from nanogpt.rundir import read_metrics
+from nanogpt.rundir import read_metrics, task_scores
 from nanogpt.tokenizer import TiktokenTokenizer
 
 pytest.importorskip("lm_eval")
@@ -181,14 +181,14 @@ def test_training_recorded_core_and_lm_eval_and_the_eval_command_on_two_ranks_ag
             "lm_eval/nanogpt_rolling/bits_per_byte", "lm_eval/nanogpt_gen/exact_match"} <= last.keys()
     assert last["core"] == pytest.approx((last["core/mc"] + last["core/lm"]) / 2)
     panels = [ax.get_ylabel() for ax in run_figures(run["dir"])["tasks"].axes if ax.get_visible()]
-    assert panels == [k for k in last if k not in ("iter", "kind", "tokens", "train_time_s")]  # a panel each
+    assert panels == list(task_scores(last))  # a panel each
     out = run["tmp"] / "evaluated"  # over two ranks: each scores its share
     proc = eval_command(run, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogpt.eval",
                         *eval_overrides(run["bundle"], run["tasks"]), f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads((out / "eval.json").read_text())["scores"]
     assert scores == pytest.approx({k: v for k, v in last.items() if k in scores}, abs=1e-9)
-    assert scores.keys() == {k for k in last if k not in ("iter", "kind", "tokens", "train_time_s")}
+    assert scores.keys() == task_scores(last).keys()
 
 
 def test_an_lm_eval_task_that_does_not_exist_is_one_line_before_any_model_work(run):
