@@ -1,0 +1,199 @@
+"""Data mixtures (data=mix): each training window drawn from one of several prepared folders in
+proportion to its weight, the weights changing in phases.
+
+    python train.py data=mix data.mix='{shakespeare:0.7,code:0.3}'
+    python train.py data=mix data.mix='{web:0.5,books:0.5}' data.mix_phases='[{until:0.8,weights:{web:1}}]'
+
+A source is a data preset (conf/data/<name>.yaml, prepared on first use as data=<name> would
+be, under the mixture's data.root) or a folder prepared earlier under data.root. The sources
+share one vocabulary. A phase's weights apply up to iteration floor(until x max_iters), those
+of data.mix after the last phase.
+
+Window j of global micro-step g of an iteration comes from the source a uniform draw keyed
+(seed, iteration, g) picks against the phase's cumulative weights; its place in that source is
+drawn as the folder alone draws it, by a generator keyed (seed, iteration, g, the source's
+name). Everything is a pure function of (seed, iteration, g, j): a resumed run and any number
+of ranks see what one process sees, and changing a weight changes which source a window comes
+from, not what a source's windows hold. Each evaluation scores every source on the windows a
+run on it alone would score (val_loss/<name>) and the mixture as their mean weighted by the
+weights it is training with.
+"""
+
+import logging
+import math
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from nanogpt.checks import check
+from nanogpt.config import DataConfig, MixConfig, data_preset
+from nanogpt.data import TRAIN, BatchLoader, Loader, Windows
+from nanogpt.errors import UserError
+from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.tokenizer import definition
+
+MIX = 4  # a stream of generator keys of its own (nanogpt.data has TRAIN, EVAL, EPOCH, PACK)
+
+log = logging.getLogger("nanogpt")
+
+
+def source_config(name: str, root: str) -> DataConfig | None:
+    """A data preset's settings, its folder under root; None: not a preset (a prepared folder)."""
+    preset = data_preset(name)
+    if preset is None:
+        return None
+    node = OmegaConf.load(preset)
+    node.pop("defaults", None)  # the schema it names is DataConfig's
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node, {"root": root}))
+    check(config, f"data.mix.{name}: ")
+    return config
+
+
+class Phases:
+    """The weights of each stretch of iterations: the phases', then data.mix's up to max_iters
+    (None: data.mix's throughout)."""
+
+    def __init__(self, config: MixConfig, max_iters: int | None):
+        self.names = list(config.mix)
+        self.stretches: list[tuple[int, int, np.ndarray]] = []  # (first iteration, end, normalised weights)
+        start = 0
+        for phase in config.mix_phases if max_iters is not None else []:
+            end = math.floor(Fraction(repr(phase.until)) * max_iters)  # 0.29 x 100 is 29, not 28.999...
+            if end > start:
+                self.stretches.append((start, end, self._vector(phase.weights)))
+            start = max(start, end)
+        self.stretches.append((start, max_iters if max_iters is not None else 2**62, self._vector(config.mix)))
+
+    def _vector(self, weights: dict[str, float]) -> np.ndarray:
+        w = np.array([weights.get(name, 0.0) for name in self.names], dtype=np.float64)
+        return w / w.sum()
+
+    def weights(self, iteration: int) -> np.ndarray:
+        return next((w for start, end, w in self.stretches if iteration < end), self.stretches[-1][2])
+
+    def cumulative(self, iteration: int) -> np.ndarray:
+        c = np.cumsum(self.weights(iteration))
+        c[-1] = 1.0  # no draw in [0, 1) falls past the last source
+        return c
+
+    def as_records(self) -> list[dict]:
+        return [{"start": start, "end": end, "weights": dict(zip(self.names, w.round(6).tolist()))}
+                for start, end, w in self.stretches]
+
+
+class MixtureLoader(Loader):
+    def __init__(self, parts: dict[str, BatchLoader], phases: Phases, seed: int, rank: int, world_size: int,
+                 micro_steps: int, prefetch: bool, documents: bool):
+        first = next(iter(parts.values()))
+        self.parts, self.phase_table, self.seed, self.rank, self.world_size = parts, phases, seed, rank, world_size
+        self.micro_steps, self.prefetch, self.documents = micro_steps, prefetch, documents
+        self.device, self.batch_size, self.block_size = first.device, first.batch_size, first.block_size
+        self.streams = first.streams  # what bits per byte reads: the first source's splits
+        self.tags = {name: zlib.crc32(name.encode()) for name in parts}
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.parts)
+
+    def train_sources(self, iteration: int, micro_step: int) -> np.ndarray:
+        """The source of each window of this rank's micro-step (an index into source_names)."""
+        g = self.rank + self.world_size * micro_step
+        u = np.random.default_rng([self.seed, MIX, iteration, g]).random(self.batch_size)
+        return np.searchsorted(self.phase_table.cumulative(iteration), u, side="right")
+
+    def train_windows(self, iteration: int, micro_step: int) -> Windows:
+        g = self.rank + self.world_size * micro_step
+        sources = self.train_sources(iteration, micro_step)
+        shape = (self.batch_size, self.block_size)
+        x, y = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
+        positions = np.empty(shape, dtype=np.int64) if self.documents else None
+        for k, (name, part) in enumerate(self.parts.items()):
+            rows = np.flatnonzero(sources == k)
+            if rows.size:
+                # the source's own draw for this micro-step, whichever of its windows the mixture takes
+                ids = part.draw("train", [self.seed, TRAIN, iteration, g, self.tags[name]])[rows]
+                x[rows], y[rows], p = part.windows("train", ids)
+                if positions is not None:
+                    positions[rows] = p
+        return x, y, positions
+
+    def eval_sources(self, iteration: int) -> list[tuple[str, float, BatchLoader]]:
+        """(name, weight, loader) of each source, weighted as the step before `iteration` trained."""
+        weights = self.phase_table.weights(max(iteration - 1, 0))
+        return [(name, float(w), part) for (name, part), w in zip(self.parts.items(), weights)]
+
+    def phases(self, max_iters: int) -> list[dict]:
+        return self.phase_table.as_records()
+
+    def describe(self, max_iters: int) -> str:
+        """What max_iters iterations are expected to read of each source: its share of the
+        windows, and the epochs of its train split that makes."""
+        windows = self.batch_size * self.micro_steps * self.world_size  # an iteration's, over all ranks
+        expected = sum((min(end, max_iters) - start) * windows * w for start, end, w in self.phase_table.stretches
+                       if start < max_iters)
+        total = expected.sum()
+        lines = [f"data mix of {len(self.parts)} source{'s' * (len(self.parts) > 1)}: {total:,.0f} windows of "
+                 f"{self.block_size} over {max_iters:,} iterations"]
+        for (name, part), n in zip(self.parts.items(), expected):
+            tokens = part.streams["train"].size
+            lines.append(f"  {name}: {n / max(total, 1):.1%} of the windows, {n * self.block_size / tokens:.2f} epochs "
+                         f"of its {tokens:,} train tokens ({part.path})")
+        for i, (start, end, w) in enumerate(self.phase_table.stretches):
+            lines.append(f"  phase {i + 1}, iterations {start}-{min(end, max_iters) - 1}: "
+                         + ", ".join(f"{name} {x:.3f}" for name, x in zip(self.parts, w)))
+        return "\n".join(lines)
+
+
+class MixtureData:
+    """The data group's entry point for data=mix: the nanogpt.data.TokenData interface (prepare,
+    meta, loader) over several folders."""
+
+    def __init__(self, config: MixConfig):
+        self.config = config
+        self.presets = {name: source_config(name, config.root) for name in config.mix}
+        self.paths = {name: data_dir(c) if c is not None else Path(config.root).expanduser() / name
+                      for name, c in self.presets.items()}
+        self.path = next(iter(self.paths.values()))  # what bits per byte reads (nanogpt.eval)
+
+    def prepare(self) -> None:
+        for c in self.presets.values():
+            if c is not None:
+                prepare(c)
+        self.metas()  # every source there, with one vocabulary: checked before the other ranks read them
+
+    def metas(self) -> dict[str, dict]:
+        """Each source's meta.json; their vocabularies must be one."""
+        metas = {name: load_meta(path) for name, path in self.paths.items()}
+        (first, m0), *rest = metas.items()
+        for name, m in rest:
+            if definition(m) != definition(m0):
+                raise UserError(f"data.mix: {first} ({self.paths[first]}) and {name} ({self.paths[name]}) have different "
+                                f"vocabularies ({m0['tokenizer']}, {m['tokenizer']}): a mixture's sources share one tokenizer")
+        return metas
+
+    @property
+    def meta(self) -> dict:
+        """The sources' one vocabulary, and each source's folder and token counts."""
+        metas = self.metas()
+        m0 = next(iter(metas.values()))
+        sources = {name: {"folder": str(self.paths[name]), "train_tokens": m["train_tokens"], "val_tokens": m["val_tokens"]}
+                   for name, m in metas.items()}
+        return definition(m0) | {"vocab_size": m0["vocab_size"], "dtype": m0["dtype"], "mix": sources,
+                                 "train_tokens": sum(m["train_tokens"] for m in metas.values()),
+                                 "val_tokens": sum(m["val_tokens"] for m in metas.values())}
+
+    def loader(
+        self, *, block_size: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
+        micro_steps: int = 1, documents: bool = False, max_iters: int | None = None,
+    ) -> MixtureLoader:
+        """max_iters places the phases (None: data.mix's weights throughout)."""
+        c = self.config
+        parts = {name: BatchLoader(path, c.batch_size, block_size, device, seed, rank, world_size, micro_steps,
+                                   prefetch=False, packing=c.packing, pack_buffer=c.pack_buffer, align=c.align,
+                                   documents=documents)
+                 for name, path in self.paths.items()}
+        return MixtureLoader(parts, Phases(c, max_iters), seed, rank, world_size, micro_steps, c.prefetch, documents)
