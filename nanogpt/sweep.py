@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from nanogpt.cells import DEFAULT_METRIC, TO_TARGET, Comparison, compare, higher_is_better
 from nanogpt.errors import UserError
-from nanogpt.rundir import read_metrics, read_status, task_scores, write_status
+from nanogpt.rundir import read_metrics, read_status, source_losses, task_scores, write_status
 from nanogpt.runs import describe
 
 SUMMARY, CELLS = "summary.csv", "cells.csv"
@@ -137,7 +137,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(job_dir)
     evals = [m for m in metrics if m.get("kind") == "eval"]
     tasks = [m for m in metrics if m.get("kind") == "tasks"]
-    scores = task_scores(tasks[-1]) if tasks else {}
+    # the final val loss of each source of a mixture, then the last value of each task metric
+    scores = (source_losses(evals[-1]) if evals else {}) | (task_scores(tasks[-1]) if tasks else {})
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
     end = time.time() if run.status == "running" else status.get("time", run.started)
     return {
@@ -145,7 +146,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "status": run.status,
         "best_val_loss": run.best_val_loss,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "scores": scores,  # the last value of each task metric
+        "scores": scores,
         "iters": run.iters,
         "tokens_per_s": statistics.median(speed) if speed else None,
         "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait
