@@ -298,8 +298,22 @@ def inspect_windows(loader: Loader, iters: int, max_iters: int) -> dict:
     return {"fractions": {"windows": shares(windows), "tokens": shares(tokens)}, "phases": loader.phases(max_iters)}
 
 
+def format_report(report: dict, loader: Loader, tokenizer, show: int) -> str:
+    """inspect_windows' report as a table, the phases, and the first `show` windows decoded."""
+    f = report["fractions"]
+    lines = [f"{'source':<24} {'windows':>8} {'tokens':>8}"]
+    lines += [f"{name:<24} {f['windows'][name]:>8.2%} {f['tokens'][name]:>8.2%}" for name in loader.source_names]
+    lines += [f"iterations {p['start']}-{p['end'] - 1}: " + ", ".join(f"{n} {w:.3f}" for n, w in p["weights"].items())
+              for p in report["phases"]]
+    (x, y, _), sources = loader.train_windows(0, 0), loader.train_sources(0, 0)
+    for j in range(min(show, len(x))):
+        text = tokenizer.decode(x[j][y[j] >= 0].tolist())  # padding left out
+        lines.append(f"--- window {j} of iteration 0 ({loader.source_names[sources[j]]}):\n{text}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
-    """python -m nanogpt.data inspect <data and model settings> iters=N [show=K] [format=json]"""
+    """python -m nanogpt.data inspect <run settings, e.g. data=mix ...> [iters=N] [show=K] [format=json]"""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -309,9 +323,9 @@ def main(argv: list[str]) -> None:
 
     ours = {"iters": "100", "show": "3", "format": "text"}
     ours |= dict(a.split("=", 1) for a in argv[2:] if a.split("=", 1)[0] in ours)
-    if argv[1:2] != ["inspect"] or not ours["iters"].isdigit() or not ours["show"].isdigit() or \
+    if argv[1:2] != ["inspect"] or not (ours["iters"].isdigit() and ours["show"].isdigit()) or \
             ours["format"] not in ("text", "json"):
-        raise UserError("usage: python -m nanogpt.data inspect <settings, e.g. data=mix> iters=N [show=K] [format=json]")
+        raise UserError("usage: python -m nanogpt.data inspect <settings, e.g. data=mix> [iters=N] [show=K] [format=json]")
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[a for a in argv[2:] if a.split("=", 1)[0] not in ours])
@@ -320,25 +334,16 @@ def main(argv: list[str]) -> None:
     config = to_train_config(cfg)
     data = build(config.data)
     data.prepare()
+    # one process taking every rank's micro-steps: the whole of each iteration
     loader = data.loader(block_size=config.model.block_size, device=torch.device("cpu"), seed=config.system.seed,
                          micro_steps=config.gradient_accumulation_steps, max_iters=config.max_iters)
-    iters = int(ours["iters"])
-    report = inspect_windows(loader, iters, config.max_iters)
-    if ours["format"] == "text":
-        print(f"iterations 0-{iters - 1}: {config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} "
-              f"windows of {config.model.block_size} tokens each")
-        print(f"{'source':<24} {'windows':>8} {'tokens':>8}")
-        for name in loader.source_names:
-            f = report["fractions"]
-            print(f"{name:<24} {f['windows'][name]:>8.2%} {f['tokens'][name]:>8.2%}")
-        for p in report["phases"]:
-            print(f"from iteration {p['start']} to {p['end']}: " + ", ".join(f"{n} {w:.3f}" for n, w in p["weights"].items()))
-        tokenizer = tokenizer_from_meta(data.meta)
-        x, y, _ = loader.train_windows(0, 0)
-        sources = loader.train_sources(0, 0)
-        for j in range(min(int(ours["show"]), len(x))):
-            print(f"--- window {j} of iteration 0 ({loader.source_names[sources[j]]}):\n{tokenizer.decode(x[j][y[j] >= 0].tolist())}")
-    print(json.dumps(report))
+    report = inspect_windows(loader, int(ours["iters"]), config.max_iters)
+    if ours["format"] == "json":
+        print(json.dumps(report))
+    else:
+        print(f"iterations 0-{int(ours['iters']) - 1} of {config.max_iters}, each {config.gradient_accumulation_steps} "
+              f"x {config.data.batch_size} windows of {config.model.block_size} tokens")
+        print(format_report(report, loader, tokenizer_from_meta(data.meta), int(ours["show"])))
 
 
 if __name__ == "__main__":
