@@ -32,8 +32,9 @@ import torch
 
 from nanogpt.config import DataConfig
 from nanogpt.errors import UserError
+from nanogpt.datafolder import load_meta
 from nanogpt.packing import Packing, best_fit
-from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.prepare import data_dir, prepare
 from nanogpt.shards import TokenStream
 from nanogpt.tokenizer import fingerprint
 

@@ -33,7 +33,8 @@ from nanogpt.checks import check
 from nanogpt.config import DataConfig, MixConfig, data_preset
 from nanogpt.data import TRAIN, BatchLoader, Loader, Windows
 from nanogpt.errors import UserError
-from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.datafolder import damaged, load_meta
+from nanogpt.prepare import data_dir, prepare
 from nanogpt.tokenizer import definition
 
 MIX = 4  # a stream of generator keys of its own (nanogpt.data has TRAIN, EVAL, EPOCH, PACK)
@@ -160,9 +161,11 @@ class MixtureData:
         self.path = next(iter(self.paths.values()))  # what bits per byte reads (nanogpt.eval)
 
     def prepare(self) -> None:
-        for c in self.presets.values():
+        for name, c in self.presets.items():
             if c is not None:
                 prepare(c)
+            elif why := damaged(self.paths[name]):  # a folder prepared earlier, read as it is
+                raise UserError(f"data.mix.{name}: {self.paths[name]} {why}: prepare it again")
         self.metas()  # every source there, with one vocabulary: checked before the other ranks read them
 
     def metas(self) -> dict[str, dict]:
