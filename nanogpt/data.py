@@ -49,7 +49,10 @@ log = logging.getLogger("nanogpt")
 
 class Loader:
     """What every loader shares: this rank's micro-batches in order, the next one built in a
-    thread while the step runs. A loader says what train_windows(iteration, micro_step) holds."""
+    thread while the step runs. A loader says what train_windows(iteration, micro_step) holds;
+    the trainer also asks it for eval_sources(iteration) (each source's eval_batches and weight),
+    phases(max_iters) and describe(max_iters); inspect_windows for source_names and
+    train_sources(iteration, micro_step). BatchLoader: one folder; nanogpt.mixture's MixtureLoader."""
 
     device: torch.device
     micro_steps: int

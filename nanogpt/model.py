@@ -152,8 +152,10 @@ class CausalSelfAttention(nn.Module):
         elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
-            causal = torch.full((T, T), float("-inf"), device=q.device).triu(1) if mask is None else \
-                torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+            if mask is None:
+                causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            else:  # documents: -inf outside each one's causal block
+                causal = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
             att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
         else:
@@ -259,18 +261,14 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        if positions is not None:  # flex_attention has no dropout: SDPA's masked kernels then
+        mask = None
+        if positions is not None:  # flex_attention has no dropout: SDPA with the dense mask then
             flex = positions.is_cuda and torch.compiler.is_compiling() and not (self.training and self.config.dropout)
             mask = document_mask(positions, flex)
-        else:
-            mask = None
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            if positions is not None:
-                at = positions
-            else:
-                at = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
-            x = x + self.transformer.wpe(at)  # (T or B x T, n_embd), broadcast
+            own = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
+            x = x + self.transformer.wpe(own if positions is None else positions)  # (T or B x T, n_embd), broadcast
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, positions, mask)

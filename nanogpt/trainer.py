@@ -418,14 +418,14 @@ class Progress:
 def batch_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The model's loss on a batch: (x, y), or (x, y, positions) for a model that masks documents."""
     x, y, *positions = batch
-    return model(x, y, **{"positions": p for p in positions})[1]
+    return (model(x, y, positions=positions[0]) if positions else model(x, y))[1]
 
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, loader, eval_iters: int, ctx, iteration: int = 0) -> dict[str, float]:
     """{"train_loss", "val_loss"}: the mean loss over the same eval_iters batches per split, shared
-    among ranks and all-reduced. A mixture's are each source's ("val_loss/<name>"), and their
-    mean weighted by the weights training at `iteration`."""
+    among ranks and all-reduced. A mixture adds each source's ("train_loss/<name>", "val_loss/<name>"),
+    its own being their mean weighted by the weights the step before `iteration` trained with."""
     model.eval()
     out, per_source = {}, {}
     sources = loader.eval_sources(iteration)  # (name, weight, a source's loader); one unnamed for one folder
