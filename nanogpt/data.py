@@ -240,7 +240,7 @@ class BatchLoader(Loader):
     def describe(self, max_iters: int) -> str:
         tokens = self.streams["train"].size
         epochs = max_iters * self.batch_size * self.micro_steps * self.world_size * self.block_size / tokens
-        return f"data {self.path}: {max_iters:,} iterations read {epochs:.2f} epochs of its {tokens:,} train tokens"
+        return f"data {self.path}: {max_iters:,} iterations read {epochs:.3g} epochs of its {tokens:,} train tokens"
 
 
 class TokenData:

@@ -134,16 +134,19 @@ class MixtureLoader(Loader):
         """What max_iters iterations are expected to read of each source: its share of the
         windows, and the epochs of its train split that makes."""
         windows = self.batch_size * self.micro_steps * self.world_size  # an iteration's, over all ranks
-        expected = sum((min(end, max_iters) - start) * windows * w for start, end, w in self.phase_table.stretches
-                       if start < max_iters)
+        expected = np.zeros(len(self.parts))  # windows from each source
+        for start, end, w in self.phase_table.stretches:
+            expected += max(min(end, max_iters) - start, 0) * windows * w
         total = expected.sum()
         lines = [f"data mix of {len(self.parts)} source{'s' * (len(self.parts) > 1)}: {total:,.0f} windows of "
                  f"{self.block_size} over {max_iters:,} iterations"]
         for (name, part), n in zip(self.parts.items(), expected):
             tokens = part.streams["train"].size
-            lines.append(f"  {name}: {n / max(total, 1):.1%} of the windows, {n * self.block_size / tokens:.2f} epochs "
+            lines.append(f"  {name}: {n / max(total, 1):.1%} of the windows, {n * self.block_size / tokens:.3g} epochs "
                          f"of its {tokens:,} train tokens ({part.path})")
         for i, (start, end, w) in enumerate(self.phase_table.stretches):
+            if start >= max_iters:
+                break
             lines.append(f"  phase {i + 1}, iterations {start}-{min(end, max_iters) - 1}: "
                          + ", ".join(f"{name} {x:.3f}" for name, x in zip(self.parts, w)))
         return "\n".join(lines)

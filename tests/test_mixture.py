@@ -200,7 +200,8 @@ def test_a_mixture_run_records_its_phases_and_per_source_losses_everywhere(strai
         assert r["val_loss"] == pytest.approx(weight * r["val_loss/shakespeare_char"] + (1 - weight) * r["val_loss/mix_rev"])
     log = (straight / "train.log").read_text()
     assert "iteration 12: data mix phase 2 of 2 (to iteration 24): shakespeare_char 0.500, mix_rev 0.500" in log
-    assert "  shakespeare_char: 75.0% of the windows, 0.00 epochs of its 1,003,854 train tokens" in log
+    # 12 iterations of 8 windows of 32 tokens from it alone, 12 from either: 75% of them, 144 x 32 tokens
+    assert f"  shakespeare_char: 75.0% of the windows, {144 * 32 / 1_003_854:.3g} epochs of its 1,003,854 train tokens" in log
     tensorboard_matches_metrics(straight)  # the trackers get what metrics.jsonl holds
     scores = job_row(straight, straight.parent)["scores"]  # the sweep summary's columns
     assert scores == {"val_loss/shakespeare_char": evals[-1]["val_loss/shakespeare_char"],
