@@ -106,8 +106,6 @@ class MixConfig(BatchesConfig):
         ("{prefix}{c.unknown_source}: not a data preset (conf/data/) nor a prepared folder under {prefix}root={c.root}",
          lambda c: c.unknown_source is None),
         ("{prefix}mix_phases: {c.bad_phases}", lambda c: not c.bad_phases),
-        ("{prefix}order=epoch deals one folder's windows; a mixture draws each source's at random: leave "
-         "{prefix}order=random", lambda c: c.order == "random"),
     ]
 
     def _weightings(self) -> list[tuple[str, dict[str, float]]]:

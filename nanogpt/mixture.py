@@ -10,11 +10,12 @@ share one vocabulary. A phase's weights apply up to iteration floor(until x max_
 of data.mix after the last phase.
 
 Window j of global micro-step g of an iteration comes from the source a uniform draw keyed
-(seed, iteration, g) picks against the phase's cumulative weights; its place in that source is
-drawn as the folder alone draws it, by a generator keyed (seed, iteration, g, the source's
-name). Everything is a pure function of (seed, iteration, g, j): a resumed run and any number
-of ranks see what one process sees, and changing a weight changes which source a window comes
-from, not what a source's windows hold. Each evaluation scores every source on the windows a
+(seed, iteration, g) picks against the phase's cumulative weights. Which of the source's windows:
+with data.order=random, a draw keyed (seed, iteration, g, the source's name), as the folder alone
+draws; with data.order=epoch, the source's next ones in its epochs' order (the folder's own),
+counted over every earlier micro-step of every rank. Everything is a pure function of (seed,
+iteration, g, j): a resumed run and any number of ranks see what one process sees, and changing a
+weight changes which source a window comes from, not what a source's windows hold (at random). Each evaluation scores every source on the windows a
 run on it alone would score (val_loss/<name>) and the mixture as their mean weighted by the
 weights it is training with.
 """
@@ -88,10 +89,11 @@ class Phases:
 
 class MixtureLoader(Loader):
     def __init__(self, parts: dict[str, BatchLoader], phases: Phases, seed: int, rank: int, world_size: int,
-                 micro_steps: int, prefetch: bool, documents: bool):
+                 micro_steps: int, prefetch: bool, documents: bool, order: str = "random"):
         first = next(iter(parts.values()))
         self.parts, self.phase_table, self.seed, self.rank, self.world_size = parts, phases, seed, rank, world_size
-        self.micro_steps, self.prefetch, self.documents = micro_steps, prefetch, documents
+        self.micro_steps, self.prefetch, self.documents, self.order = micro_steps, prefetch, documents, order
+        self._counted = (0, np.zeros(len(parts), dtype=np.int64))  # (global micro-steps counted, windows per source)
         self.device, self.batch_size, self.block_size = first.device, first.batch_size, first.block_size
         self.streams = first.streams  # what bits per byte reads: the first source's splits
         self.tags = {name: zlib.crc32(name.encode()) for name in parts}
@@ -102,22 +104,48 @@ class MixtureLoader(Loader):
 
     def train_sources(self, iteration: int, micro_step: int) -> np.ndarray:
         """The source of each window of this rank's micro-step (an index into source_names)."""
-        g = self.rank + self.world_size * micro_step
+        return self._sources(iteration, self.rank + self.world_size * micro_step)
+
+    def _sources(self, iteration: int, g: int) -> np.ndarray:
         u = np.random.default_rng([self.seed, MIX, iteration, g]).random(self.batch_size)
         return np.searchsorted(self.phase_table.cumulative(iteration), u, side="right")
 
-    def train_windows(self, iteration: int, micro_step: int) -> Windows:
+    def _windows_before(self, n: int) -> np.ndarray:
+        """How many windows each source gave global micro-steps 0..n-1 (all iterations, all ranks):
+        counted once, then kept up to date as the micro-steps come in order."""
+        done, counts = self._counted if self._counted[0] <= n else (0, np.zeros(len(self.parts), dtype=np.int64))
+        for step in range(done, n):
+            counts = counts + np.bincount(self._sources(*divmod(step, self.micro_steps * self.world_size)),
+                                          minlength=len(self.parts))
+        self._counted = (n, counts)
+        return counts
+
+    def train_starts(self, iteration: int, micro_step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, window) of each window of this rank's micro-step: the source's next windows in
+        its epochs' order (data.order=epoch), or its own draw for the micro-step (random)."""
         g = self.rank + self.world_size * micro_step
-        sources = self.train_sources(iteration, micro_step)
+        sources, ids = self.train_sources(iteration, micro_step), np.zeros(self.batch_size, dtype=np.int64)
+        for k, (name, part) in enumerate(self.parts.items()):
+            rows = np.flatnonzero(sources == k)
+            if not rows.size:
+                continue
+            if self.order == "random":
+                ids[rows] = part.draw("train", [self.seed, TRAIN, iteration, g, self.tags[name]])[rows]
+                continue
+            n = self._windows_before(iteration * self.micro_steps * self.world_size + g)[k] + np.arange(rows.size)
+            epochs, index = np.divmod(n, part.epoch_windows)
+            ids[rows] = np.concatenate([part.epoch(int(e))[index[epochs == e]] for e in np.unique(epochs)])
+        return sources, ids
+
+    def train_windows(self, iteration: int, micro_step: int) -> Windows:
+        sources, ids = self.train_starts(iteration, micro_step)
         shape = (self.batch_size, self.block_size)
         x, y = np.empty(shape, dtype=np.int64), np.empty(shape, dtype=np.int64)
         positions = np.empty(shape, dtype=np.int64) if self.documents else None
-        for k, (name, part) in enumerate(self.parts.items()):
+        for k, part in enumerate(self.parts.values()):
             rows = np.flatnonzero(sources == k)
             if rows.size:
-                # the source's own draw for this micro-step, whichever of its windows the mixture takes
-                ids = part.draw("train", [self.seed, TRAIN, iteration, g, self.tags[name]])[rows]
-                x[rows], y[rows], p = part.windows("train", ids)
+                x[rows], y[rows], p = part.windows("train", ids[rows])
                 if positions is not None:
                     positions[rows] = p
         return x, y, positions
@@ -199,7 +227,8 @@ class MixtureData:
         """max_iters places the phases (None: data.mix's weights throughout)."""
         c = self.config
         parts = {name: BatchLoader(path, c.batch_size, block_size, device, seed, rank, world_size, micro_steps,
-                                   prefetch=False, packing=c.packing, pack_buffer=c.pack_buffer, align=c.align,
-                                   documents=documents)
+                                   prefetch=False, order=c.order, align=c.align, packing=c.packing,
+                                   pack_buffer=c.pack_buffer, documents=documents)
                  for name, path in self.paths.items()}
-        return MixtureLoader(parts, Phases(c, max_iters), seed, rank, world_size, micro_steps, c.prefetch, documents)
+        return MixtureLoader(parts, Phases(c, max_iters), seed, rank, world_size, micro_steps, c.prefetch, documents,
+                             c.order)

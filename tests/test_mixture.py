@@ -85,6 +85,24 @@ def test_each_source_gets_its_share_of_20000_windows_and_phases_switch_at_their_
                               one.train_sources(777, r))
 
 
+def test_epoch_order_deals_each_sources_windows_once_an_epoch_whatever_the_ranks(root):
+    def loader(**kw):
+        return mixture(root, {"mix_rev": 1, "mix_sorted": 1}, batch_size=16, order="epoch").loader(
+            block_size=512, device=torch.device("cpu"), seed=2, max_iters=400, **kw)
+
+    one = loader(micro_steps=2)
+    taken = [one.train_starts(it, m) for it in range(150) for m in range(2)]  # 4,800 windows
+    sources, ids = np.concatenate([s for s, _ in taken]), np.concatenate([i for _, i in taken])
+    for k, part in enumerate(one.parts.values()):
+        mine = ids[sources == k]
+        assert len(mine) > part.epoch_windows  # past the first epoch: each window once in it
+        assert np.array_equal(np.sort(mine[: part.epoch_windows]), np.sort(part.epoch(0)))
+    ranks = [loader(rank=r, world_size=2) for r in range(2)]
+    for it, m in ((0, 0), (149, 1)):  # rank r takes global micro-step r, counting the other rank's windows
+        for got, want in zip(ranks[m].train_starts(it, 0), one.train_starts(it, m)):
+            assert np.array_equal(got, want)
+
+
 def direct_loss(model, path, split: str, seed: int, eval_iters: int, batch: int, block: int) -> float:
     """The mean loss of eval_iters batches of a folder's split, drawn as its documentation says an
     eval window is (a generator keyed (seed, 1 for eval, the split, k)) and cut from its shards here."""
