@@ -4,7 +4,8 @@ their seed, built from the jobs' own files.
 Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
 with its error, interrupted, preempted) and metrics.jsonl (losses, speed, the eval group's scores).
 The summary is summary.csv in the sweep folder plus a printed table, best val loss first (or by
-any column: --sort hellaswag/acc_norm), with a column for each task metric's last value. Beside it
+any column: --sort hellaswag/acc_norm), with a column for each task metric's last value and each
+mixture source's final val loss (val_loss/<name>). Beside it
 cells.csv: per cell (nanogpt.cells) n, means and 95% intervals, and against a baseline or a
 target the differences, p-values and times to the target. Both are written
 
