@@ -8,6 +8,7 @@ the composed DictConfig once (`to_train_config`); from there on the package sees
 dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,8 +121,8 @@ class MixConfig(BatchesConfig):
                 return f"{key}={weights!r}: give each source a number, e.g. {{web: 0.7, code: 0.3}}"
             if unknown := [name for name in weights if name not in self.mix]:
                 return f"{key} names {unknown[0]!r}, which is not a source of mix ({', '.join(self.mix)})"
-            if negative := [name for name, w in weights.items() if not w >= 0]:
-                return f"{key}.{negative[0]}={weights[negative[0]]} must be >= 0"
+            if negative := [name for name, w in weights.items() if not 0 <= w < math.inf]:
+                return f"{key}.{negative[0]}={weights[negative[0]]} must be >= 0 and finite"
             if not sum(weights.values()) > 0:
                 return f"{key}: every weight is 0; give at least one source a positive weight"
         return ""

@@ -192,12 +192,24 @@ class MixtureData:
         self.path = next(iter(self.paths.values()))  # what bits per byte reads (nanogpt.eval)
 
     def prepare(self) -> None:
+        self._same_tokenizer_kind()
         for name, c in self.presets.items():
             if c is not None:
                 prepare(c)
             elif why := damaged(self.paths[name]):  # a folder prepared earlier, read as it is
                 raise UserError(f"data.mix.{name}: {self.paths[name]} {why}: prepare it again")
         self.metas()  # every source there, with one vocabulary: checked before the other ranks read them
+
+    def _same_tokenizer_kind(self) -> None:
+        """Two kinds of tokenizer (char, gpt2, bpe...) among the presets' settings and the folders
+        already there: one line before anything is prepared (the vocabularies themselves are
+        compared once every folder is there)."""
+        kinds = {name: c.tokenizer if c is not None else load_meta(self.paths[name])["tokenizer"]
+                 for name, c in self.presets.items() if c is not None or (self.paths[name] / "meta.json").is_file()}
+        (first, kind), *rest = kinds.items() if kinds else [(None, None)]
+        if other := next(((name, k) for name, k in rest if k != kind), None):
+            raise UserError(f"data.mix: {first} and {other[0]} have different tokenizers ({kind}, {other[1]}): "
+                            "a mixture's sources share one")
 
     def metas(self) -> dict[str, dict]:
         """Each source's meta.json; their vocabularies must be one."""

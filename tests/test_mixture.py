@@ -149,10 +149,8 @@ def test_inspect_prints_the_fractions_and_phases_of_a_fixture(root, capsys):
     args = ["data=mix", f"data.root={root}", "data.mix={shakespeare_char:1,mix_rev:0}",
             "data.mix_phases=[{until:0.5,weights:{mix_rev:1}}]", "model=tiny", "max_iters=20", "iters=20",
             "gradient_accumulation_steps=2"]
-    proc = subprocess.run([sys.executable, "-m", "nanogpt.data", "inspect", *args, "format=json"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    data_main(["nanogpt.data", "inspect", *args, "format=json"])  # in-process: the command's main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["fractions"] == {"windows": {"shakespeare_char": 0.5, "mix_rev": 0.5},
                                    "tokens": {"shakespeare_char": 0.5, "mix_rev": 0.5}}
     assert report["phases"] == [{"start": 0, "end": 10, "weights": {"shakespeare_char": 0.0, "mix_rev": 1.0}},
@@ -166,6 +164,7 @@ def test_inspect_prints_the_fractions_and_phases_of_a_fixture(root, capsys):
 @pytest.mark.parametrize("overrides,message", [
     (["data.mix={shakespeare:1,nosuch:1}"], "data.mix.nosuch: not a data preset (conf/data/) nor a prepared folder"),
     (["data.mix={shakespeare:1,shakespeare_char:-0.5}"], "data.mix.shakespeare_char=-0.5 must be >= 0"),
+    (["data.mix={shakespeare:inf,shakespeare_char:1}"], "data.mix.shakespeare=inf must be >= 0 and finite"),
     (["data.mix={shakespeare:0,shakespeare_char:0}"], "data.mix: every weight is 0"),
     (["data.mix={shakespeare:1}", "data.mix_phases=[{until:0.6,weights:{shakespeare:1}},{until:0.5,weights:{shakespeare:1}}]"],
      "data.mix_phases: until [0.6, 0.5] must increase"),
@@ -179,6 +178,12 @@ def test_bad_mixtures_are_one_line_before_anything_is_prepared(tmp_path, overrid
         proc = run_script("train.py", "data=mix", f"data.root={tmp_path / 'fresh'}", *overrides, cwd=tmp_path, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}" + proc.stderr.split(message)[1].rstrip()]
         assert not (tmp_path / "fresh").exists()
+
+
+def test_two_kinds_of_tokenizer_stop_a_mixture_before_anything_is_prepared(tmp_path):
+    with pytest.raises(UserError, match=r"data.mix: shakespeare and shakespeare_char have different tokenizers \(gpt2, char\)"):
+        mixture(tmp_path, {"shakespeare": 1, "shakespeare_char": 1}).prepare()
+    assert not any(tmp_path.iterdir())
 
 
 # -- a mixture with phases, trained -------------------------------------------------------------
