@@ -137,6 +137,9 @@ class BatchLoader(Loader):
             order = np.random.default_rng([self.seed, PACK, SPLITS[split]]).permutation(int(keep.sum()))
             packing = best_fit(docs[keep][order], lengths[keep][order], self.block_size + 1, self.pack_buffer)
             log.info(f"{self.path.name} {split}: {packing.summary()}")
+            if packing.cut > packing.tokens / 2:  # documents far longer than a window: most of the split unread
+                log.warning(f"{self.path.name} {split}: best-fit packing cuts most of the tokens (documents longer "
+                            f"than block_size + 1); data.align=true reads them whole")
             self._packings[split] = packing
         return self._packings[split]
 

@@ -81,7 +81,10 @@ def test_packed_windows_start_at_documents_and_keep_every_document_that_fits(doc
     assert not Counter(fitting) - Counter(pieces)  # each document that fits a row is in one, whole
     # the reported count of tokens cut: the split's tokens less those in the rows
     assert p.cut == stream.size - real.sum() and p.cut > 0
-    assert f"{p.cut:,} tokens cut" in caplog.text
+    assert f"{p.cut:,} tokens cut" in caplog.text and "cuts most of the tokens" not in caplog.text
+    with caplog.at_level(logging.INFO, logger="nanogpt"):  # windows far shorter than the documents: a warning
+        assert packed(documents, block_size=4).packing("train").cut > 0
+    assert "best-fit packing cuts most of the tokens" in caplog.text
 
 
 def test_packed_batches_resume_exactly_split_among_ranks_and_visit_rows_once_an_epoch(documents):
