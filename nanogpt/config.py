@@ -8,6 +8,7 @@ the composed DictConfig once (`to_train_config`); from there on the package sees
 dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
 
 ASSETS = Path(__file__).parent / "assets"
+CONF = Path(__file__).parent.parent / "conf"  # the presets a mixture may name
 
 
 DEVICE = Matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
@@ -29,10 +31,29 @@ DTYPE = OneOf("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class DataConfig:
-    _target_: str = "nanogpt.data.TokenData"
+class BatchesConfig:
+    """What every option of the data group has: where prepared folders live, and how batches are
+    cut from them (a folder of its own, DataConfig, or a mixture of folders, MixConfig)."""
+
+    _target_: str = MISSING
     name: str = MISSING  # prepared data lives in <root>/<name>
     root: str = "data"  # outside the run folders: runs share prepared data
+    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
+    order: str = valid("random", OneOf("random", "epoch"))  # epoch: every window once an epoch, ranks never share one
+    align: bool = False  # windows start at a document's first token (long documents: every block_size tokens)
+    packing: str = valid("none", OneOf("none", "bestfit"))  # bestfit: rows of whole documents, each starting one
+    pack_buffer: int = valid(1000, POSITIVE)  # bestfit: documents a row chooses among (nanochat's buffer_size)
+    prefetch: bool = True  # build the next batch in a background thread while the step runs
+
+    RULES: ClassVar[list[Rule]] = [
+        ("{prefix}align and {prefix}packing=bestfit both set: packed rows start at documents already; choose one",
+         lambda c: not (c.align and c.packing == "bestfit")),
+    ]
+
+
+@dataclass
+class DataConfig(BatchesConfig):
+    _target_: str = "nanogpt.data.TokenData"
     # the text: local files, or a Hugging Face dataset read as a stream
     source: list[str] = valid(check=Exists(), default_factory=list)  # text, .jsonl(.gz), .parquet files or folders
     hf_dataset: str | None = None  # a Hub dataset (HuggingFaceFW/fineweb-edu), or a local folder laid out like one
@@ -52,18 +73,79 @@ class DataConfig:
     shard_tokens: int = valid(100_000_000, POSITIVE)  # tokens a shard file
     workers: int | None = valid(None, POSITIVE)  # encoding threads; None: every core
     reprepare: bool = False  # a folder prepared from other sources or settings is prepared again, not refused
-    # the batches
-    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
-    order: str = valid("random", OneOf("random", "epoch"))  # epoch: every window once an epoch, ranks never share one
-    align: bool = False  # windows start at a document's first token (long documents: every block_size tokens)
-    prefetch: bool = True  # build the next batch in a background thread while the step runs
 
-    RULES: ClassVar[list[Rule]] = [
+    RULES: ClassVar[list[Rule]] = BatchesConfig.RULES + [
         ("{prefix}source and {prefix}hf_dataset are both set: name local files or a dataset, not both",
          lambda c: not (c.source and c.hf_dataset)),
         ("{prefix}data_files, hf_name and hf_revision choose what a Hugging Face dataset gives: set {prefix}hf_dataset",
          lambda c: c.hf_dataset or not (c.data_files or c.hf_name or c.hf_revision)),
     ]
+
+
+@dataclass
+class MixPhase:
+    until: float = MISSING  # the phase ends at iteration floor(until x max_iters)
+    weights: dict[str, float] = MISSING  # {source: weight} until then
+
+
+@dataclass
+class MixConfig(BatchesConfig):
+    """data=mix: each training window drawn from one of several prepared folders (or data presets,
+    prepared on first use), in proportion to its weight; nanogpt.mixture."""
+
+    _target_: str = "nanogpt.mixture.MixtureData"
+    name: str = "mix"  # how logs name the mixture; each source keeps its own folder
+    # {source: weight}: a data preset or a folder under root; the weights need not sum to 1. Untyped:
+    # Hydra merges a typed dict with an override's, and then refuses new names
+    mix: Any = MISSING
+    mix_phases: list[MixPhase] = field(default_factory=list)  # earlier weights: [{until: 0.8, weights: {...}}]; mix after
+
+    RULES: ClassVar[list[Rule]] = BatchesConfig.RULES + [
+        ("{prefix}mix is empty: name the sources and their weights, e.g. {prefix}mix='{{web:0.7,code:0.3}}'",
+         lambda c: c.mix != {}),
+        ("{prefix}{c.bad_weights}", lambda c: not c.bad_weights),
+        ("{prefix}{c.unknown_source}: not a data preset (conf/data/) nor a prepared folder under {prefix}root={c.root}",
+         lambda c: c.unknown_source is None),
+        ("{prefix}mix_phases: {c.bad_phases}", lambda c: not c.bad_phases),
+    ]
+
+    def _weightings(self) -> list[tuple[str, dict[str, float]]]:
+        return [*((f"mix_phases[{i}].weights", p.weights) for i, p in enumerate(self.mix_phases)), ("mix", self.mix)]
+
+    @property
+    def bad_weights(self) -> str:
+        """What is wrong with a weighting (mix, or a phase's), in one line; "" when nothing."""
+        for key, weights in self._weightings():
+            if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                        for w in weights.values()):
+                return f"{key}={weights!r}: give each source a number, e.g. {{web: 0.7, code: 0.3}}"
+            if unknown := [name for name in weights if name not in self.mix]:
+                return f"{key} names {unknown[0]!r}, which is not a source of mix ({', '.join(self.mix)})"
+            if negative := [name for name, w in weights.items() if not 0 <= w < math.inf]:
+                return f"{key}.{negative[0]}={weights[negative[0]]} must be >= 0 and finite"
+            if not sum(weights.values()) > 0:
+                return f"{key}: every weight is 0; give at least one source a positive weight"
+        return ""
+
+    @property
+    def unknown_source(self) -> str | None:
+        return next((f"mix.{name}" for name in self.mix if data_preset(name) is None
+                     and not (Path(self.root).expanduser() / name / "meta.json").exists()), None)
+
+    @property
+    def bad_phases(self) -> str:
+        ends = [p.until for p in self.mix_phases]
+        if bad := [u for u in ends if not 0 < u <= 1]:
+            return f"until={bad[0]} is not in (0, 1]: a phase ends at a fraction of max_iters"
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            return f"until {ends} must increase from phase to phase"
+        return ""
+
+
+def data_preset(name: str) -> Path | None:
+    """conf/data/<name>.yaml, if there is such a data preset."""
+    path = CONF / "data" / f"{name}.yaml"
+    return path if name.replace("_", "").replace("-", "").isalnum() and path.is_file() else None
 
 
 @dataclass
@@ -226,7 +308,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = MISSING
+    data: BatchesConfig = MISSING  # DataConfig (one folder) or MixConfig (a mixture)
     optim: Any = MISSING  # AdamWConfig or MuonConfig
     schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -286,6 +368,7 @@ SCHEMAS = {
     "sample_schema": SampleConfig,
     "model_schema": GPTConfig,
     "data_schema": DataConfig,
+    "mix_schema": MixConfig,
     "adamw_schema": AdamWConfig,
     "muon_schema": MuonConfig,
     "cosine_schema": CosineScheduleConfig,

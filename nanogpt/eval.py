@@ -22,6 +22,7 @@ from nanogpt.checkpoint import find_newest_run, load_model
 from nanogpt.cli import job, run_cli
 from nanogpt.config import BitsPerByteConfig, TrainConfig, build, to_train_config
 from nanogpt.data import split_streams
+from nanogpt.datafolder import load_meta
 from nanogpt.device import autocast, resolve_device
 from nanogpt.errors import UserError
 from nanogpt.evaluation import Evaluator
@@ -74,7 +75,7 @@ def data_streams(config: TrainConfig, meta: dict, dist: distributed.DistInfo) ->
             f"bpb reads {data.path}, whose vocabulary ({data.meta['tokenizer']}) is not the model's "
             f"({meta['tokenizer']}): choose data the model's tokenizer made, e.g. data=shakespeare for GPT-2"
         )
-    return split_streams(data.path, data.meta)
+    return split_streams(data.path, load_meta(data.path))  # a mixture's data.path: its first source's folder
 
 
 def format_scores(scores: dict[str, float]) -> str:

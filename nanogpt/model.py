@@ -2,7 +2,8 @@
 
 Pure PyTorch: this file knows nothing about Hydra, files or training. Defaults are GPT-2's.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), rotary embeddings (Su et al. 2021),
-QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2).
+QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2),
+document masking (doc_mask: attention within each document of a packed window, as Llama 3).
 """
 
 import math
@@ -12,6 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Rule, check, valid
 from nanogpt.dropout import Dropout
@@ -40,6 +42,7 @@ class GPTConfig:
     depth: int | None = valid(None, POSITIVE)  # n_layer = depth, n_embd = depth x aspect_ratio rounded up to head_dim's multiple
     aspect_ratio: int | None = valid(None, POSITIVE)  # with depth: width per layer (model=depth: 64)
     head_dim: int | None = valid(None, POSITIVE)  # with depth: channels per head, n_head = n_embd / head_dim (model=depth: 64)
+    doc_mask: bool = False  # the trainer feeds each token's place in its document: attention within documents only
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
@@ -120,6 +123,23 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def document_mask(positions: torch.Tensor, flex: bool = False):
+    """Which keys each query sees when a window holds several documents: itself and the earlier
+    tokens of its own document; a document starts where its position (B, T) is 0. A block-diagonal
+    causal mask (B, 1, T, T) for scaled_dot_product_attention; flex: a flex_attention BlockMask,
+    whose kernel skips the blocks no query of a document sees (fast on CUDA under torch.compile)."""
+    docs = (positions == 0).cumsum(1)  # (B, T): each token's document
+    B, T = positions.shape
+    if flex:
+
+        def same_document(b, h, q, kv):
+            return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+        return create_block_mask(same_document, B, None, T, T, device=positions.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -136,7 +156,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(config, head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, head_dim) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0,
+                positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """positions (B, T) and mask (document_mask's): tokens of one document attend to each other only."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -144,22 +166,27 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        positions = cache.positions(T) if cache is not None else None
+        positions = cache.positions(T) if cache is not None else positions
         if self.rotary is not None:
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         if cache is not None:
             k, v, visible = cache.update(layer, k, v)  # every cached token: (B, nh, L, hs); (B, 1, T, L)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif isinstance(mask, BlockMask):  # documents, on CUDA under torch.compile: only their blocks computed
+            y = flex_attention(q, k, v, block_mask=mask)
         elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
-            causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            if mask is None:
+                causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            else:  # documents: -inf outside each one's causal block
+                causal = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
             att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
         else:
             # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=True
+                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=mask is None
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -190,8 +217,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0,
+                positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, positions, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -241,19 +269,26 @@ class GPT(nn.Module):
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                positions: torch.Tensor | None = None):
         """idx (B, T) -> (logits, loss). With a cache, idx follows the tokens cached so far: their
-        keys and values are attended over, and idx's are appended (sampling)."""
+        keys and values are attended over, and idx's are appended (sampling). With doc_mask,
+        positions (B, T) is each token's place in its document (0 where one starts): a window of
+        several documents runs as each of them alone would."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        mask = None
+        if positions is not None:  # flex_attention has no dropout: SDPA with the dense mask then
+            flex = positions.is_cuda and torch.compiler.is_compiling() and not (self.training and self.config.dropout)
+            mask = document_mask(positions, flex)
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
-            x = x + self.transformer.wpe(positions)  # (T or B x T, n_embd), broadcast
+            own = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
+            x = x + self.transformer.wpe(own if positions is None else positions)  # (T or B x T, n_embd), broadcast
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, positions, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.lengths += T

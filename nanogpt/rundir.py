@@ -171,6 +171,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def source_losses(record: dict) -> dict[str, float]:
+    """A mixture's val loss per source of an "eval" record: {"val_loss/<name>": loss}."""
+    return {k: v for k, v in record.items() if k.startswith("val_loss/")}
+
+
 def task_scores(record: dict) -> dict[str, float]:
     """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm), not
     its counters."""

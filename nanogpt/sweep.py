@@ -4,8 +4,9 @@ their seed, built from the jobs' own files.
 Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
 with its error, interrupted, preempted) and metrics.jsonl (losses, speed, the eval group's scores).
 The summary is summary.csv in the sweep folder plus a printed table, best val loss first (or by
-any column: --sort hellaswag/acc_norm), with a column for each task metric's last value, the model's
-size and budget (from its start record) and the tokens and FLOPs it trained on. Beside it
+any column: --sort hellaswag/acc_norm), with a column for each task metric's last value, each
+mixture source's final val loss (val_loss/<name>), the model's size and budget (from its start
+record) and the tokens and FLOPs it trained on. Beside it
 cells.csv: per cell (nanogpt.cells) n, means and 95% intervals, and against a baseline or a
 target the differences, p-values and times to the target. Both are written
 
@@ -35,7 +36,7 @@ from omegaconf import DictConfig
 
 from nanogpt.cells import DEFAULT_METRIC, TO_TARGET, Comparison, compare, higher_is_better
 from nanogpt.errors import UserError
-from nanogpt.rundir import read_metrics, read_status, task_scores, write_status
+from nanogpt.rundir import read_metrics, read_status, source_losses, task_scores, write_status
 from nanogpt.runs import describe
 
 SUMMARY, CELLS = "summary.csv", "cells.csv"
@@ -149,7 +150,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(job_dir)
     evals = [m for m in metrics if m.get("kind") == "eval"]
     tasks = [m for m in metrics if m.get("kind") == "tasks"]
-    scores = task_scores(tasks[-1]) if tasks else {}
+    # the final val loss of each source of a mixture, then the last value of each task metric
+    scores = (source_losses(evals[-1]) if evals else {}) | (task_scores(tasks[-1]) if tasks else {})
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
     start = next((m for m in reversed(metrics) if m.get("kind") == "start"), {})
     spent = next((m for m in reversed(metrics) if "flops" in m), {})  # the last record: tokens and FLOPs trained
@@ -159,7 +161,7 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
         "status": run.status,
         "best_val_loss": run.best_val_loss,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "scores": scores,  # the last value of each task metric
+        "scores": scores,
         "iters": run.iters,
         "tokens_per_s": statistics.median(speed) if speed else None,
         "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait

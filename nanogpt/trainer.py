@@ -106,7 +106,8 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         raw_model = training.raw_model
         lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
-                             rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps)
+                             rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps,
+                             documents=getattr(raw_model.config, "doc_mask", False), max_iters=config.max_iters)
         # the eval group's tasks, resolved now: a task file that cannot be had stops the run here
         evaluator = None
         if config.eval.tasks and (config.eval.interval or config.eval_only):
@@ -124,6 +125,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         if saved is None:  # a resumed run's metrics.jsonl keeps its start record (its iteration 0)
             recorder.log(start_record(config, raw_model))
         log_setup(config, training, state, run_dir, dist)
+        log.info(loader.describe(config.max_iters))
 
         # 5) the loop, inside the debug presets' instruments (profiler, anomaly checks)
         try:
@@ -150,6 +152,7 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
     progress = Progress(config, t, tokens_per_iter(config, t.raw_model.config.block_size), dist, start_iter)
     bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
     batches = train_batches(loader, start_iter, overfit=config.debug.overfit)
+    phases = {p["start"]: p for p in loader.phases(config.max_iters)}  # a mixture's weights, by first iteration
     exit_code = 0
     try:
         with StopSignals() as stop:
@@ -163,11 +166,13 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
                         f"non-finite loss or gradient norm at iteration {bad_iter.item()}: lower optim.learning_rate, "
                         "raise warmup, or set nan_policy=skip"
                     )
+                if it in phases and (it == 0 or it > start_iter):  # a resumed run's start was recorded before
+                    record_phase(phases, it, recorder)
                 if evaluate:
-                    losses = estimate_loss(t.model, loader, config.eval_iters, t.autocast)
-                    log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    recorder.log({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
-                                  **progress.spent(it), "train_time_s": state.train_time_s})
+                    losses = estimate_loss(t.model, loader, config.eval_iters, t.autocast, it)
+                    log.info(f"step {it}: " + ", ".join(f"{k.replace('_loss', ' loss')} {v:.4f}" for k, v in losses.items()))
+                    recorder.log({"iter": it, "kind": "eval", **losses, **progress.spent(it),
+                                  "train_time_s": state.train_time_s})
                 if evaluator is not None and due(it, config.eval.interval, start_iter, config):
                     scores = evaluator(t.raw_model, t.device, t.autocast)  # the raw model: any shape, no recompiles
                     log.info(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -175,8 +180,8 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
                                   "train_time_s": state.train_time_s})
                     progress.restart(it)
                 if evaluate:
-                    improved = losses["val"] < state.best_val_loss
-                    state.best_val_loss = min(state.best_val_loss, losses["val"])
+                    improved = losses["val_loss"] < state.best_val_loss
+                    state.best_val_loss = min(state.best_val_loss, losses["val_loss"])
                     if it > 0 and not config.eval_only:
                         checkpointer.save(state)
                         if improved and not config.always_save_checkpoint:
@@ -209,6 +214,14 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
         batches.close()
         recorder.finish(exit_code, summary={"best_val_loss": state.best_val_loss})
     return state.best_val_loss
+
+
+def record_phase(phases: dict[int, dict], it: int, recorder: Recorder) -> None:
+    """A mixture's weights from iteration it on, in the log and as a "data" record."""
+    weights = phases[it]["weights"]
+    log.info(f"iteration {it}: data mix phase {list(phases).index(it) + 1} of {len(phases)} (to iteration "
+             f"{phases[it]['end']}): " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()))
+    recorder.log({"iter": it, "kind": "data", **{f"mix/{name}": w for name, w in weights.items()}})
 
 
 def due(it: int, interval: int, start_iter: int, config: TrainConfig) -> bool:
@@ -253,9 +266,9 @@ def train_step(
     so the caller decides when. after_step is called last (e.g. a profiler's step)."""
     loss_sum = torch.zeros((), device=t.device)
     for micro_step in range(t.micro_steps):
-        x, y = next(batches)
+        batch = next(batches)
         with distributed.gradient_sync(t.model, t.sync_every_micro_step or micro_step == t.micro_steps - 1), t.autocast:
-            _, loss = t.model(x, y)
+            loss = batch_loss(t.model, batch)
             loss = loss / t.micro_steps  # the mean over the whole accumulation
         t.scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -446,21 +459,34 @@ class Progress:
                 "train_time_s": state.train_time_s, **mem}
 
 
+def batch_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The model's loss on a batch: (x, y), or (x, y, positions) for a model that masks documents."""
+    x, y, *positions = batch
+    return (model(x, y, positions=positions[0]) if positions else model(x, y))[1]
+
+
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, loader, eval_iters: int, ctx) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches per split, shared among ranks and all-reduced."""
+def estimate_loss(model: torch.nn.Module, loader, eval_iters: int, ctx, iteration: int = 0) -> dict[str, float]:
+    """{"train_loss", "val_loss"}: the mean loss over the same eval_iters batches per split, shared
+    among ranks and all-reduced. A mixture adds each source's ("train_loss/<name>", "val_loss/<name>"),
+    its own being their mean weighted by the weights the step before `iteration` trained with."""
     model.eval()
-    out = {}
+    out, per_source = {}, {}
+    sources = loader.eval_sources(iteration)  # (name, weight, a source's loader); one unnamed for one folder
     for split in ("train", "val"):
-        total = torch.zeros(2, device=loader.device)  # (sum of losses, count)
-        for x, y in loader.eval_batches(split, eval_iters):
-            with ctx:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=loader.device)])
-        distributed.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
+        losses = {}
+        for name, _, part in sources:
+            total = torch.zeros(2, device=part.device)  # (sum of losses, count)
+            for batch in part.eval_batches(split, eval_iters):
+                with ctx:
+                    loss = batch_loss(model, batch)
+                total += torch.stack([loss.float(), torch.ones((), device=part.device)])
+            distributed.all_reduce(total)
+            losses[name] = (total[0] / total[1]).item()
+        out[f"{split}_loss"] = sum(w * losses[name] for name, w, _ in sources) / sum(w for _, w, _ in sources)
+        per_source |= {f"{split}_loss/{name}": loss for name, loss in losses.items() if name is not None}
     model.train()
-    return out
+    return out | per_source
 
 
 class StopSignals:

@@ -22,6 +22,8 @@ def test_every_group_option_composes(group, option, tmp_path):
     if (group, option) == ("data", "text"):
         (tmp_path / "notes.txt").write_text("some notes\n")
         overrides.append(f"data.source=[{tmp_path / 'notes.txt'}]")  # the one required key: files that exist
+    if (group, option) == ("data", "mix"):
+        overrides.append("data.mix={shakespeare_char:1,shakespeare:1}")  # the one required key: the sources
     config = to_train_config(compose_cfg(*overrides))
     assert config.max_iters >= 0 and config.model.n_embd % config.model.n_head == 0
 
