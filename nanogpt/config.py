@@ -273,6 +273,31 @@ class ChoiceTaskConfig:
 
 
 @dataclass
+class CoreConfig:
+    _target_: str = "nanogpt.tasks.CoreTask"
+    path: str | None = valid(None, Exists())  # the DCLM eval bundle's folder: core.yaml, eval_meta_data.csv, eval_data/*.jsonl
+    limit: int | None = valid(None, POSITIVE)  # each task's first N rows after the reference's shuffle (nanochat's max_per_task)
+
+    RULES: ClassVar[list[Rule]] = [
+        ("set {prefix}path=<folder>: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/)", lambda c: c.path),
+    ]
+
+
+@dataclass
+class LmEvalConfig:
+    _target_: str = "nanogpt.tasks.LmEvalTask"
+    tasks: list[str] = valid(check=NotEmpty(), default_factory=list)  # lm-eval's task (or group) names: [hellaswag, arc_easy]
+    include_path: str | None = valid(None, Exists())  # a folder of your own task YAMLs
+    limit: int | None = valid(None, POSITIVE)  # each task's first N documents
+    num_fewshot: int | None = valid(None, NON_NEGATIVE)  # None: each task's own
+
+    RULES: ClassVar[list[Rule]] = [
+        ("name lm-eval's tasks: {prefix}tasks=[hellaswag,arc_easy] (your own YAMLs: {prefix}include_path=<folder>)",
+         lambda c: c.tasks),
+    ]
+
+
+@dataclass
 class EvalConfig:
     tasks: dict[str, Any] = field(default_factory=dict)  # by name, chosen in the eval group: eval=[bpb,hellaswag]
     interval: int = valid(0, NON_NEGATIVE)  # in training: every this many iterations and at the end; 0: never
@@ -353,6 +378,8 @@ SCHEMAS = {
     "tensorboard_schema": TensorBoardConfig,
     "bpb_schema": BitsPerByteConfig,
     "choice_task_schema": ChoiceTaskConfig,
+    "core_schema": CoreConfig,
+    "lm_eval_schema": LmEvalConfig,
 }
 
 

@@ -66,11 +66,15 @@ def scores_figure(curves: dict[str, list[dict]], folder: Path, title_overrides: 
     """One panel per score of the records against iterations (the tasks records', or what
     `scores` picks), a line per curve (label -> records: a run's, or each job's of a sweep)."""
     names = list(dict.fromkeys(k for records in curves.values() for r in records for k in scores(r)))
-    fig = Figure(figsize=(4.5 * len(names), 4), layout="constrained")
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+    cols = min(len(names), 4)  # CORE alone has 23 scores: rows of four panels
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.5 * cols, 4 * rows), layout="constrained")
+    for ax, name in zip(fig.subplots(rows, cols, squeeze=False).flat, names):
         for label, records in curves.items():
             _line(ax, records, "iter", name, label, marker="o")
         _style(ax, "iter", name)
+    for ax in fig.axes[len(names) :]:
+        ax.set_visible(False)
     if len(curves) > 1:
         fig.axes[0].legend(fontsize="small")
     _title(fig, folder, title_overrides)
