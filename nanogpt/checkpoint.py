@@ -165,8 +165,9 @@ class Checkpointer:
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
-        if self.monitor is not None:
-            self.monitor.load(state.spike_windows[self.dist.rank] if self.dist.rank < len(state.spike_windows) else [])
+        if self.monitor is not None:  # a rank's losses at another world size are of another batch: a new window
+            same_world = len(state.spike_windows) == self.dist.world_size
+            self.monitor.load(state.spike_windows[self.dist.rank] if same_world else [])
         return state
 
 

@@ -67,7 +67,7 @@ class SpikeMonitor:
     def observe(self, iter_num: int, loss: torch.Tensor) -> None:
         """warn: keep the loss, on the device, until the next flush."""
         if self.config.policy == "warn":
-            self.pending.append((iter_num, loss.detach()))
+            self.pending.append((iter_num, loss.detach().clone()))  # a copy: the log line all-reduces the loss in place
 
     def flush(self) -> list[Spike]:
         """warn: judge the losses kept since the last flush, in order (one read of them all). Every
