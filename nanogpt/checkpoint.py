@@ -494,12 +494,13 @@ def average(source: Path, out: Path, last: int | None = None, iters: list[int] |
         chosen = sorted(set(iters))
     else:
         if len(kept) < last:
-            raise UserError(f"{source} kept {len(kept)} checkpoint(s) ({', '.join(map(str, kept)) or 'none'}), fewer than "
-                            f"--last {last}: train with keep_checkpoints={last} or more")
+            raise UserError(f"{source} kept {len(kept)} checkpoint(s) ({', '.join(map(str, kept)) or 'none'}), "
+                            f"fewer than --last {last}: train with keep_checkpoints={last} or more")
         chosen = list(kept)[-last:]
     newest = read_checkpoint(kept[chosen[-1]])
     weights = mean_state_dict(model_from_state(read_checkpoint(kept[i])).state_dict() for i in chosen)
-    record = {k: v for k, v in newest.items() if k not in ("model", "optimizers", "scaler", "ema", "sharded_from", "rng")}
+    training_only = ("model", "optimizers", "scaler", "ema", "sharded_from", "rng", "spike_windows")
+    record = {k: v for k, v in newest.items() if k not in training_only}
     save_checkpoint(record | {"model": weights, "averaged_iters": chosen}, out)
     return out
 
@@ -513,8 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("consolidate", help="a sharded (FSDP) run's checkpoint as one .pt file")
     mean = commands.add_parser("average", help="the mean of a run's last kept checkpoints (keep_checkpoints=K)")
+    one.add_argument("source", type=Path, help="a run folder (its best, else latest, checkpoint) or a step folder")
+    mean.add_argument("source", type=Path, help="a run folder")
     for p in (one, mean):
-        p.add_argument("source", type=Path, help="a run folder" + (" (its best, else latest) or a step folder" if p is one else ""))
         p.add_argument("out", type=Path, help="the .pt file to write")
     which = mean.add_mutually_exclusive_group(required=True)
     which.add_argument("--last", type=int, metavar="K", help="the last K checkpoints")

@@ -105,7 +105,8 @@ class BatchLoader:
         x, y = xy
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def train_batches(self, start_iter: int, skipped: list[list[int]] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, start_iter: int, skipped: list[list[int]] = ()
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches from iteration start_iter on, in order; skipped: the windows
         that rollbacks skipped (window_of)."""
         steps = ((window_of(it, skipped), m) for it in range(start_iter, 2**62) for m in range(self.micro_steps))

@@ -109,7 +109,7 @@ class SpikeMonitor:
         for i, it in enumerate(iters):
             ranks = [r for r in range(world) if table[0, i, r] > 0]
             worst = max(ranks, key=lambda r: table[1, i, r], default=None)
-            out.append(None if worst is None else Spike(it, ranks, table[1, i, worst].item(), table[2, i, worst].item()))
+            out.append(Spike(it, ranks, table[1, i, worst].item(), table[2, i, worst].item()) if ranks else None)
         return out
 
     def state(self) -> list[float]:

@@ -93,8 +93,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
             evaluator = Evaluator(config.eval, tokenizer_from_meta(data.meta), raw_model.config.vocab_size,
                                   raw_model.config.block_size, loader.streams, dist)
 
-        # the loss-spike monitor (spike.policy)
-        spikes = SpikeMonitor(config.spike, dist, device) if config.spike.policy != "off" else None
+        spikes = SpikeMonitor(config.spike, dist, device)  # of loss spikes: spike.policy says what they do
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
         config_dict = dataclasses.asdict(config)
@@ -124,25 +123,21 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
 
 def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None, lr_scale: Callable[[int], float],
          state: TrainState, checkpointer: Checkpointer, recorder: Recorder, dist: distributed.DistInfo,
-         run_dir: Path, spikes: SpikeMonitor | None = None, after_step: Callable[[], None] | None = None) -> float:
+         run_dir: Path, spikes: SpikeMonitor, after_step: Callable[[], None] | None = None) -> float:
     """Iterations state.iter_num .. max_iters; returns the best val loss. after_step follows each
     training step (the profiler's step)."""
     resume_hint = f"resume with: python train.py resume={run_dir}"
-    start_iter = state.iter_num
     tokens = tokens_per_iter(config, t.raw_model.config.block_size)
-    progress = Progress(config, t, tokens, dist, start_iter)
+    progress = Progress(config, t, tokens, dist, state.iter_num)
     bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
-    batches = train_batches(loader, start_iter, config.debug.overfit, state.skipped_windows)
-    if spikes is not None and dist.is_main:
-        update_status(run_dir, spikes=len(state.spikes), last_spike=state.spikes[-1] if state.spikes else None)
+    steps = Iterations(loader, state.iter_num, config.max_iters, config.debug.overfit, state.skipped_windows)
     exit_code = 0
     try:
         with StopSignals() as stop:
-            it = start_iter
-            while True:
+            for it in steps:
                 state.iter_num = it
                 last_step = it == config.max_iters
-                evaluate = due(it, config.eval_interval, start_iter, config)
+                evaluate = due(it, config.eval_interval, steps.start, config)
                 # checked without a per-step device sync: on log steps, and before anything is saved
                 if evaluate or it % config.log_interval == 0:
                     settle(bad_iter, spikes, state, recorder, run_dir, dist)
@@ -151,7 +146,7 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
                     log.info(f"step {it}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items()))
                     recorder.log({"iter": it, "kind": "eval", **losses, "tokens": it * tokens,
                                   "train_time_s": state.train_time_s})
-                if evaluator is not None and due(it, config.eval.interval, start_iter, config):
+                if evaluator is not None and due(it, config.eval.interval, steps.start, config):
                     # the raw model: any shape, no recompiles
                     scores = scored(t, lambda: evaluator(t.raw_model, t.device, t.autocast), ema=config.eval.ema)
                     log.info(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -177,39 +172,59 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
 
                 t_step = time.perf_counter()
                 set_lr(t.optimizers, lr_scale(it))
-                loss, grad_norm, finite, spike = train_step(t, batches, it, config.nan_policy == "skip", spikes, after_step)
+                loss, grad_norm, finite, spike = train_step(t, steps.batches, it, config.nan_policy == "skip", spikes,
+                                                            after_step)
                 if config.nan_policy == "stop":
                     bad_iter.masked_fill_((bad_iter < 0) & ~finite, it + 1)  # a scalar fill: no host-to-device copy
                 elif not finite.item():
                     log.warning(f"iteration {it}: non-finite loss or gradient norm, step skipped")
                 state.train_time_s += time.perf_counter() - t_step
-
-                if spike is not None:  # skip, rollback: found before the update, which was not applied
-                    if config.spike.policy == "rollback" and latest_checkpoint(run_dir) is not None:
-                        settle(bad_iter, spikes, state, recorder, run_dir, dist)
-                        batches.close()
-                        start_iter = it = roll_back(spike, config, state, checkpointer, recorder, run_dir, dist)
-                        batches = train_batches(loader, it, config.debug.overfit, state.skipped_windows)
-                        progress.restart(it)
-                        continue
+                spikes.observe(it + 1, loss)  # spike.policy=warn: judged at the next log line
+                if spike is not None and config.spike.policy == "rollback" and latest_checkpoint(run_dir) is not None:
+                    settle(bad_iter, spikes, state, recorder, run_dir, dist)
+                    back = roll_back(spike, config, state, checkpointer, recorder, run_dir, dist)
+                    steps.go_back(back, state.skipped_windows)
+                    progress.restart(steps.start)
+                    continue
+                if spike is not None:  # skip (or rollback before any checkpoint): the update was not applied
                     note_spike(spike.record("skip"), state, recorder, run_dir, dist)
-                elif spikes is not None:
-                    spikes.observe(it + 1, loss)  # warn: judged at the next log line
 
-                if (it + 1) % config.log_interval == 0 or it == start_iter:
+                if (it + 1) % config.log_interval == 0 or it == steps.start:
                     rec = progress.record(it + 1, loss, grad_norm, lr_scale(it) * config.optim.learning_rate, state)
                     recorder.log(rec)
-                it += 1
     except BaseException:
         exit_code = 1
         raise
     finally:
-        batches.close()
+        steps.close()
         recorder.finish(exit_code, summary={"best_val_loss": state.best_val_loss})
     return state.best_val_loss
 
 
-def settle(bad_iter: torch.Tensor, spikes: SpikeMonitor | None, state: TrainState, recorder: Recorder, run_dir: Path,
+class Iterations:
+    """The loop's iterations, start .. last, and their batches; a rollback sends both back."""
+
+    def __init__(self, loader, start: int, last: int, overfit: bool, skipped: list[list[int]]):
+        self.loader, self.last, self.overfit, self.batches = loader, last, overfit, None
+        self.go_back(start, skipped)
+
+    def __iter__(self) -> Iterator[int]:
+        while self.next <= self.last:
+            self.next += 1
+            yield self.next - 1
+
+    def go_back(self, it: int, skipped: list[list[int]]) -> None:
+        """Iterate from it again, on the batches past the windows rollbacks skipped."""
+        self.close()
+        self.start = self.next = it
+        self.batches = train_batches(self.loader, it, self.overfit, skipped)
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()  # stops the prefetch thread
+
+
+def settle(bad_iter: torch.Tensor, spikes: SpikeMonitor, state: TrainState, recorder: Recorder, run_dir: Path,
            dist: distributed.DistInfo) -> None:
     """What the loop checks at its sync points (log lines, evaluations, saves), not every step: a
     non-finite loss since the last one stops the run; spike.policy=warn's losses are judged."""
@@ -218,7 +233,7 @@ def settle(bad_iter: torch.Tensor, spikes: SpikeMonitor | None, state: TrainStat
             f"non-finite loss or gradient norm at iteration {bad_iter.item()}: lower optim.learning_rate, "
             "raise warmup, or set nan_policy=skip"
         )
-    for spike in spikes.flush() if spikes is not None else ():
+    for spike in spikes.flush():
         note_spike(spike.record("warn"), state, recorder, run_dir, dist)
 
 
@@ -391,7 +406,7 @@ def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
         source, model, trained_on = "this run's checkpoint", model_from_state(saved, read_shards=False), saved.get("meta")
     elif config.init_from == "scratch":
         if config.weights == "ema":
-            raise UserError("weights=ema reads the EMA of init_from's weights: set init_from=<run folder or checkpoint>")
+            raise UserError("weights=ema reads the EMA of init_from's run: set init_from=<run folder or checkpoint>")
         model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
     else:
         model, trained_on = load_model(config.init_from, config.model, config.weights)

@@ -197,7 +197,7 @@ def test_a_checkpoint_killed_before_its_link_is_kept(run, tmp_path):
 def test_sharded_ema_resumes_exactly_and_follows_one_process(run, tmp_path, data_root):
     """One FSDP rank is bit-identical to one process: its step folders (EMA shards, last 2 kept)
     resumed by one process end exactly where the unbroken run ends; resumed on 2 ranks (resharded)
-    its EMA follows it to 1e-4. Both formats average the same way; consolidation keeps the EMA."""
+    its EMA follows it to 1e-4. Step folders average as files do; consolidation keeps the EMA."""
     env = spike(tmp_path, SPIKE_AT)
     first = tmp_path / "first"
     train(data_root, first, "system.parallelism=fsdp", "max_iters=10", "eval_interval=5", "keep_checkpoints=2", nproc=1)
@@ -221,6 +221,8 @@ def test_sharded_ema_resumes_exactly_and_follows_one_process(run, tmp_path, data
     ema = {k: p.detach() for k, p in named_parameters(model_from_state(sharded, weights="ema")).items()}
     for k, v in ema.items():
         torch.testing.assert_close(v, final_a["ema"][k], atol=1e-4, rtol=0)
-    assert [r["iter"] for r in read_metrics(two) if r["kind"] == "spike"] == [SPIKE_AT + 1]  # judged on rank 0
+    # at another world size a rank's loss is another batch's: its window starts again, too short to judge yet
+    assert [r["iter"] for r in read_metrics(one) if r["kind"] == "spike"] == [SPIKE_AT + 1]
+    assert not [r for r in read_metrics(two) if r["kind"] == "spike"] and read_checkpoint(weights_file(two))["spike_windows"]
     whole = load_checkpoint(consolidate(two, tmp_path / "whole.pt"))
     assert all(torch.equal(whole["ema"][k], v) for k, v in ema.items())
