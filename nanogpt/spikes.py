@@ -14,10 +14,10 @@ decision when only one rank's loss spikes.
 """
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanogpt import distributed
@@ -94,8 +94,8 @@ class SpikeMonitor:
         """mean + sigma x std of the window; None until it is full."""
         if len(self.window) < self.config.window:
             return None
-        mean = statistics.fmean(self.window)
-        return mean + self.config.sigma * statistics.pstdev(self.window, mu=mean)
+        losses = np.fromiter(self.window, dtype=np.float64, count=len(self.window))
+        return float(losses.mean() + self.config.sigma * losses.std())  # numpy's std: the population's
 
     def _agree(self, iters: list[int], verdicts: list[tuple[bool, float, float]]) -> list[Spike | None]:
         """Every rank's verdicts on these iterations, from one all_reduce of a (3, iterations,

@@ -13,7 +13,8 @@ step. Further arguments are config overrides for both (e.g. system=cpu_fast for 
   _foreach_lerp_) and its memory, one copy of the parameters in their dtype.
 - spike check (spike.policy=skip|rollback): train_step reading its loss and judging it against a
   full 128-loss window before the update, against without. On a CPU the read waits for nothing;
-  on a GPU it is a device sync per step, which this script measures when run there.
+  on a GPU it is a device sync per step, which this script measures when run there (system=cuda):
+  a round's steps are timed together, the device waited for once at its end.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from nanogpt import distributed
 from nanogpt.averaging import EMA
 from nanogpt.config import build, to_train_config
+from nanogpt.device import resolve_device
 from nanogpt.spikes import SpikeMonitor
 from nanogpt.trainer import build_model, build_training, set_up_rank, train_step
 
@@ -47,7 +49,7 @@ def setting(shape: str, extra: list[str]):
 
 def measure(shape: str, rounds: int, steps: int, extra: list[str]) -> dict:
     config = setting(shape, extra)
-    dist = distributed.setup(config.system, "cpu")
+    dist = distributed.setup(config.system, resolve_device(config.system).type)
     device, dtype = set_up_rank(config.system, dist)
     if shape == "cpu_recipe":
         data = build(config.data)
@@ -61,23 +63,28 @@ def measure(shape: str, rounds: int, steps: int, extra: list[str]) -> dict:
         loader = data.loader(block_size=block, device=device, seed=config.system.seed)
         batches = loader.train_batches(0)
     else:  # one random sequence made once: the step without any data cost
-        xy = torch.randint(config.model.vocab_size, (config.data.batch_size, block + 1), generator=torch.Generator().manual_seed(0))
+        shape = (config.data.batch_size, block + 1)
+        xy = torch.randint(config.model.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
         batches = itertools.repeat((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
     ema = EMA(t.raw_model, 0.999)
     spikes = SpikeMonitor(dataclasses.replace(config.spike, policy="skip", sigma=1e9), dist, device)
     spikes.load([4.0 + 1e-3 * i for i in range(config.spike.window)])  # full: every step is judged
     it = 0
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     def timed(n: int, with_ema: bool, judge: bool) -> float:
+        """Seconds a step over n steps, the device waited for once at the end: a per-step sync
+        (the spike check's read of the loss) shows as the host's lost lead over the device."""
         nonlocal it
         t.ema = ema if with_ema else None
-        out = []
+        sync()
+        t0 = time.perf_counter()
         for _ in range(n):
-            t0 = time.perf_counter()
             train_step(t, batches, it + 10**6, spikes=spikes if judge else None)  # past ema_start: a real average
-            out.append(time.perf_counter() - t0)
             it += 1
-        return statistics.median(out)
+        sync()
+        return (time.perf_counter() - t0) / n
 
     timed(2, True, True)  # warm-up: allocator, first-step costs
     cases = {"off": (False, False), "ema": (True, False), "spike check": (False, True)}
@@ -87,11 +94,14 @@ def measure(shape: str, rounds: int, steps: int, extra: list[str]) -> dict:
             times[name].append(timed(steps, *cases[name]))
     update = []
     for i in range(max(5, rounds)):
+        sync()
         t0 = time.perf_counter()
         ema.update(10**6 + i)
+        sync()
         update.append(time.perf_counter() - t0)
     params = sum(p.numel() * p.element_size() for p in ema.averages.values())
-    return {"shape": shape, "device": f"{cpu_name()}, {torch.get_num_threads()} threads", "dtype": str(dtype).removeprefix("torch."),
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    return {"shape": shape, "device": name, "dtype": str(dtype).removeprefix("torch."),
             "params_m": t.raw_model.get_num_params(non_embedding=False) / 1e6, "ema_mib": params / 2**20,
             "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
             "ema_update_ms": statistics.median(update) * 1e3, "rounds": rounds, "steps": steps}
@@ -108,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds (medians over them)")
-    parser.add_argument("--steps", type=int, default=5, help="steps a round (their median is the round's)")
+    parser.add_argument("--steps", type=int, default=5, help="steps a round (timed together)")
     args, extra = parser.parse_known_args()
     rows = [measure(s, args.rounds, args.steps, extra) for s in (SHAPES if args.shape == "both" else [args.shape])]
     print(f"device: {rows[0]['device']}; torch {torch.__version__}; overrides: {' '.join(extra) or 'none'}\n")
@@ -119,7 +129,7 @@ def main() -> None:
         pct = lambda k: f"{ms[k]:.1f} ({(ms[k] / ms['off'] - 1) * 100:+.1f}%)"  # noqa: E731
         print(f"| {r['shape']} ({r['params_m']:.1f}M) | {r['dtype']} | {ms['off']:.1f} | {pct('ema')} | "
               f"{r['ema_update_ms']:.2f} | {r['ema_mib']:.1f} | {pct('spike check')} |")
-    print(f"\nmedians over {rows[0]['rounds']} alternating rounds of {rows[0]['steps']} steps each")
+    print(f"\nmedians over {rows[0]['rounds']} alternating rounds of {rows[0]['steps']} steps each (ms a step)")
 
 
 if __name__ == "__main__":
