@@ -63,8 +63,8 @@ def measure(shape: str, rounds: int, steps: int, extra: list[str]) -> dict:
         loader = data.loader(block_size=block, device=device, seed=config.system.seed)
         batches = loader.train_batches(0)
     else:  # one random sequence made once: the step without any data cost
-        shape = (config.data.batch_size, block + 1)
-        xy = torch.randint(config.model.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+        size = (config.data.batch_size, block + 1)
+        xy = torch.randint(config.model.vocab_size, size, generator=torch.Generator().manual_seed(0)).to(device)
         batches = itertools.repeat((xy[:, :-1].contiguous(), xy[:, 1:].contiguous()))
     ema = EMA(t.raw_model, 0.999)
     spikes = SpikeMonitor(dataclasses.replace(config.spike, policy="skip", sigma=1e9), dist, device)
