@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from faults import spike  # noqa: E402  (the tests' fault, planted the same way)
 
-POLICIES = ["off", "warn", "skip", "rollback"]
+# (spike.policy, overrides): each policy with the recipe's clipping, then without clipping, where
+# the spike's gradient reaches AdamW whole
+VARIANTS = [("off", []), ("warn", []), ("skip", []), ("rollback", []), ("off", ["grad_clip=0"]), ("skip", ["grad_clip=0"])]
 
 
 def train(run_dir: Path, overrides: list[str], env: dict | None = None, reuse: bool = False) -> list[dict]:
@@ -53,11 +55,13 @@ def spike_example(out: Path, args, extra: list[str]) -> None:
           f"{args.spike_iters} iterations, checkpoints every 250\n")
     print("| spike.policy | what happened | train loss after it (iteration) | final val loss |")
     print("|---|---|---|---|")
-    for policy in POLICIES:
-        run_dir, fault = out / f"spike_{policy}", out / f"fault_{policy}"
+    for policy, overrides in VARIANTS:
+        name = "_".join([policy, *(o.replace("=", "") for o in overrides)])
+        run_dir, fault = out / f"spike_{name}", out / f"fault_{name}"
         fault.mkdir(parents=True, exist_ok=True)
         env = spike(fault, args.spike_at, factor=args.factor)
-        records = train(run_dir, [f"max_iters={args.spike_iters}", f"spike.policy={policy}", *extra], env, args.reuse)
+        records = train(run_dir, [f"max_iters={args.spike_iters}", f"spike.policy={policy}", *overrides, *extra], env,
+                        args.reuse)
         spikes = [r for r in records if r["kind"] == "spike"]
         happened = "; ".join(f"{s['action']} at {s.get('spike_iter', s['iter'])} (loss {s['loss']:.2f} > {s['threshold']:.2f})"
                              + (f", back to {s['iter']}, {s['windows_skipped']} batches skipped" if s["action"] == "rollback" else "")
@@ -65,7 +69,7 @@ def spike_example(out: Path, args, extra: list[str]) -> None:
         train_loss = {r["iter"]: r["loss"] for r in records if r["kind"] == "train"}
         after = next((i for i in sorted(train_loss) if i > args.spike_at + 1), None)
         val = [r["val_loss"] for r in records if r["kind"] == "eval"][-1]
-        print(f"| {policy} | {happened} | {train_loss.get(after, float('nan')):.4f} ({after}) | {val:.4f} |")
+        print(f"| {' '.join([policy, *overrides])} | {happened} | {train_loss.get(after, float('nan')):.4f} ({after}) | {val:.4f} |")
 
 
 def main() -> None:
