@@ -113,7 +113,10 @@ class Checkpointer:
             link = self.run_dir / KEPT.format(load_checkpoint(latest)["iter_num"] if iter_num is None else iter_num)
             tmp = _temporary(link)
             tmp.unlink(missing_ok=True)
-            os.link(latest, tmp)
+            try:
+                os.link(latest, tmp)
+            except OSError:  # a file system without hard links: a copy
+                shutil.copyfile(latest, tmp)
             os.replace(tmp, link)  # over a link of the same iteration (a stop right after an eval's save)
             _fsync_dir(self.run_dir)
             kept = sorted({*kept, link})
