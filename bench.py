@@ -23,7 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -61,14 +61,9 @@ class BenchSettings:
     samples: int = valid(8, POSITIVE)  # task=sample: the batch measured beside one sample
 
 
-@dataclass
-class BenchConfig(TrainConfig):
-    bench: BenchSettings = field(default_factory=BenchSettings)
-
-
-# conf/config.yaml types its root with "train_schema": storing the bench schema under that name
-# gives bench.yaml all of train.py's groups and keys, plus `bench`, with typo checks for both
-ConfigStore.instance().store(name="train_schema", node=BenchConfig)
+# bench.yaml types its `bench` node with this schema (`/bench_schema@bench`); train.py's config
+# holds that node empty (TrainConfig.bench), so bench.* there is refused, as any unknown key
+ConfigStore.instance().store(name="bench_schema", node=BenchSettings)
 
 
 def device_name(device: torch.device) -> str:
@@ -112,7 +107,7 @@ class Waited:
         return item
 
 
-def set_up(config: BenchConfig) -> tuple[Callable[[], GPT], torch.device, torch.dtype, TokenData, distributed.DistInfo]:
+def set_up(config: TrainConfig) -> tuple[Callable[[], GPT], torch.device, torch.dtype, TokenData, distributed.DistInfo]:
     """The trainer's set-up of one process (device, precision, threads, seed); what builds its model."""
     dist = distributed.setup(config.system, resolve_device(config.system).type)
     device, dtype = set_up_rank(config.system, dist)
@@ -123,7 +118,7 @@ def set_up(config: BenchConfig) -> tuple[Callable[[], GPT], torch.device, torch.
     return lambda: build_model(config, meta, saved=None), device, dtype, data, dist
 
 
-def bench(config: BenchConfig) -> dict:
+def bench(config: TrainConfig) -> dict:
     """Build what the trainer builds, run warm-up + timed iterations, return the figures."""
     b = config.bench
     # 1) the trainer's set-up of one process, its model, optimizer and batches
@@ -162,7 +157,7 @@ def bench(config: BenchConfig) -> dict:
     return result
 
 
-def figures(config: BenchConfig, t: Training, step_s: list[float], data_s: list[float], startup_s: float | None,
+def figures(config: TrainConfig, t: Training, step_s: list[float], data_s: list[float], startup_s: float | None,
             first_iter_s: float) -> dict:
     """The timed steps as the report's figures: speed, MFU against both peaks, data cost, memory."""
     b, raw_model, device, micro_steps = config.bench, t.raw_model, t.device, t.micro_steps
@@ -240,7 +235,7 @@ def report(r: dict) -> str:
     )
 
 
-def bench_sampling(config: BenchConfig) -> dict:
+def bench_sampling(config: TrainConfig) -> dict:
     """Prefill and decode speed of the sampling engine on a random prompt: one sample, then a batch."""
     b = config.bench
     build_model_, device, dtype, _, _ = set_up(config)

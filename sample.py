@@ -41,12 +41,27 @@ def newest_run(runs_root: str) -> str:
 
 
 def read_prompts(c: SampleConfig) -> list[str]:
+    """The prompts: prompts_file's lines, or start (FILE:path: that file's text). An empty prompt
+    is refused: the model needs a token to start from."""
     if c.prompts_file is not None:
-        prompts = Path(c.prompts_file).read_text().splitlines()
+        prompts = _text(c.prompts_file).splitlines()
         if not prompts:
             raise UserError(f"prompts_file={c.prompts_file} holds no prompts (one a line)")
+        empty = next((n for n, p in enumerate(prompts, 1) if not p), None)
+        if empty:
+            raise UserError(f"{c.prompts_file}:{empty}: an empty prompt (each line is one): remove the line")
         return prompts
-    return [Path(c.start[5:]).read_text() if c.start.startswith("FILE:") else c.start]
+    prompt = _text(c.start[5:]) if c.start.startswith("FILE:") else c.start
+    if not prompt:
+        raise UserError(f"start={c.start!r} is an empty prompt: give the model some text to start from, e.g. start='\\n'")
+    return [prompt]
+
+
+def _text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
@@ -56,6 +71,7 @@ def main(cfg) -> None:
     system = SystemConfig(device=c.device, dtype=c.dtype)
     device = resolve_device(system)
     ctx = autocast(device, resolve_dtype(system, device))
+    texts = read_prompts(c)  # before the model: a wrong file costs no load
 
     model, meta = load_model(c.init_from or newest_run(c.runs_root), weights=c.weights)
     tokenizer = tokenizer_from_meta(meta or {"tokenizer": "gpt2"})  # GPT-2 and nanoGPT's checkpoints: GPT-2 BPE
@@ -63,7 +79,7 @@ def main(cfg) -> None:
     if c.compile:
         model = torch.compile(model)
     try:
-        prompts = [tokenizer.encode(p) for p in read_prompts(c)]
+        prompts = [tokenizer.encode(p) for p in texts]
     except ValueError as e:
         raise UserError(f"the prompt cannot be encoded with this run's vocabulary: {e}") from None
 

@@ -166,6 +166,8 @@ class Checkpointer:
             self.ema.reset()
         self.scaler.load_state_dict(saved["scaler"])
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
+        if "tracker_ids" not in saved and saved.get("wandb_id"):  # older checkpoints kept wandb's run id alone
+            state.tracker_ids = {"wandb": saved["wandb_id"]}
         if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
         if self.monitor is not None:  # a rank's losses at another world size are of another batch: a new window
@@ -242,11 +244,20 @@ def write_pointer(path: Path, target: str) -> None:
 
 
 def read_pointer(path: Path) -> Path | None:
-    """The step folder a pointer file names, if both exist."""
+    """The step folder a pointer file names; None without a pointer. A pointer is replaced only
+    once its folder is complete, so one naming no complete step folder is damage: refused, as a
+    silent None would start the run over (and remove_unused_steps delete its steps)."""
     if not path.is_file():
         return None
-    step = path.parent / path.read_text().strip()
-    return step if (step / TRAIN_STATE).is_file() else None
+    try:
+        name = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    step = path.parent / name
+    if not name or "/" in name or not (step / TRAIN_STATE).is_file():
+        raise UserError(f"{path} is damaged: it names no complete checkpoint folder in {path.parent}; remove it to "
+                        "use the run's other checkpoint, if any")
+    return step
 
 
 def remove_unused_steps(run_dir: Path, keep: int = 1) -> None:

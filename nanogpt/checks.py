@@ -82,27 +82,51 @@ class Matches:
 
 @dataclass(frozen=True)
 class Exists:
-    """A path that must exist; for a list, every entry. prefix: only values starting with it
-    name a path (sample.py's start=FILE:prompt.txt)."""
+    """A path that must exist (file=True: a file, not a folder); for a list, every entry. prefix:
+    only values starting with it name a path (sample.py's start=FILE:prompt.txt). An empty path
+    names nothing (it is not the current folder)."""
 
     prefix: str = ""
+    file: bool = False
 
-    def missing(self, v) -> str | None:
-        """The first path of v that does not exist."""
+    def problem(self, v) -> str | None:
+        """What is wrong with the first bad path of v."""
         paths = [p[len(self.prefix):] for p in (v if isinstance(v, (list, tuple)) else [v]) if p.startswith(self.prefix)]
-        return next((p for p in paths if not Path(p).expanduser().exists()), None)
+        for p in paths:
+            path = Path(p).expanduser()
+            if not p:
+                return "an empty path names nothing"
+            if not path.exists():
+                return f"{p} does not exist"
+            if self.file and not path.is_file():
+                return f"{p} is not a file"
+        return None
 
     def allows(self, v) -> bool:
-        return self.missing(v) is None
+        return self.problem(v) is None
 
     def outside(self):
         return f"{self.prefix}/no/such/file"
 
     def __str__(self) -> str:
-        return f"an existing path{f' after {self.prefix}' if self.prefix else ''}"
+        return f"an existing {'file' if self.file else 'path'}{f' after {self.prefix}' if self.prefix else ''}"
 
     def explain(self, key: str, value) -> str:
-        return f"{key}: {self.missing(value)} does not exist"
+        return f"{key}: {self.problem(value)}"
+
+
+@dataclass(frozen=True)
+class NotEmpty:
+    """Strings that mean something: a list's entries (or a string) none of them empty."""
+
+    def allows(self, v) -> bool:
+        return all(isinstance(s, str) and s for s in (v if isinstance(v, (list, tuple)) else [v]))
+
+    def outside(self):
+        return [""]
+
+    def __str__(self) -> str:
+        return "strings, none of them empty"
 
 
 POSITIVE = Range(0, low_open=True, name="positive")

@@ -2,11 +2,13 @@
 
 Errors of ours (UserError) are raised inside the job function, so a multirun records that job
 as failed and goes on; for a single run they become one line on stderr and exit status 2 here,
-outside the job. A signal-stopped run exits with 128 + the signal's number.
+outside the job, as do Hydra's own complaints about its command line. A signal-stopped run exits
+with 128 + the signal's number.
 """
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import wraps
@@ -98,6 +100,18 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
     except (ReportedError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as e:
+        if not raised_by_hydra(e):
+            raise
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
+
+
+def raised_by_hydra(e: BaseException) -> bool:
+    """Whether Hydra itself raised e about its command line (e.g. -m with --cfg), before any job:
+    the innermost frame is Hydra's (a job's errors reach run_cli only as ReportedError)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and f"{os.sep}hydra{os.sep}" in frames[-1].filename

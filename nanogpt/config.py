@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_method
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, OneOf, Range, Rule, check, valid
+from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, NotEmpty, OneOf, Range, Rule, check, valid
 from nanogpt.errors import UserError
 from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
@@ -38,8 +38,9 @@ class DataConfig:
     hf_dataset: str | None = None  # a Hub dataset (HuggingFaceFW/fineweb-edu), or a local folder laid out like one
     hf_name: str | None = None  # its configuration (sample-10BT)
     hf_revision: str | None = None  # a commit or branch: the same data however the Hub changes
-    data_files: list[str] = field(default_factory=list)  # the dataset's files to read (patterns); empty: its train split
+    data_files: list[str] = valid(check=NotEmpty(), default_factory=list)  # the dataset's files to read (patterns); empty: its train split
     text_column: str = "text"  # of jsonl, parquet and dataset rows
+    bad_rows: str = valid("stop", OneOf("stop", "skip"))  # a row not JSON or without string text: stop there, or skip it
     max_tokens: int | None = valid(None, POSITIVE)  # stop about here (at a batch's end); raising it extends the folder
     expected_documents: int | None = valid(None, POSITIVE)  # the full dataset's rows: a copy that holds fewer is reported
     # the vocabulary
@@ -131,7 +132,7 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None  # None: the job name and its overrides
     group: str | None = None  # None: the sweep folder in a multirun
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = valid(check=NotEmpty(), default_factory=list)
     mode: str = valid("online", OneOf("online", "offline", "disabled"))
 
 
@@ -178,7 +179,7 @@ class ChoiceTaskConfig:
     format: str = valid("choices", OneOf("choices", "hellaswag"))  # rows {context, choices, label} | HellaSwag's own
     join: str = " "  # between the context and a choice (HellaSwag: the ending follows after a space)
     fewshot: int = valid(0, NON_NEGATIVE)  # solved examples shown before each one (a row's own "fewshot" wins)
-    fewshot_path: str | None = valid(None, Exists())  # where they are drawn from; None: the task's other examples
+    fewshot_path: str | None = valid(None, Exists(file=True))  # where they are drawn from; None: the task's other examples
     fewshot_separator: str = "\n\n"
     limit: int | None = valid(None, POSITIVE)  # the first N examples only: a quick subset
 
@@ -217,6 +218,7 @@ class TrainConfig:
     logger: dict[str, Any] = field(default_factory=dict)  # the trackers, by name: {} or {"wandb": WandbConfig}
     eval: EvalConfig = field(default_factory=EvalConfig)  # capability evaluations: bits per byte, HellaSwag
     debug: DebugConfig = field(default_factory=DebugConfig)  # set by the debug presets: debug=fast|overfit|profile|anomaly
+    bench: Any = None  # bench.py's own keys, typed by its schema in conf/bench.yaml; empty for training
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
     max_iters: int = valid(2000, NON_NEGATIVE)
@@ -244,14 +246,14 @@ class TrainConfig:
 class SampleConfig:
     init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run (not a debug run)
     weights: str = valid("raw", OneOf("raw", "ema"))  # the run's weights as trained, or their EMA (ema_decay)
-    start: str = valid("\n", Exists(prefix="FILE:"))  # the prompt, or FILE:path to read it from a file
-    prompts_file: str | None = valid(None, Exists())  # instead of start: one prompt a line, each with num_samples samples
+    start: str = valid("\n", Exists(prefix="FILE:", file=True))  # the prompt, or FILE:path to read it from a file
+    prompts_file: str | None = valid(None, Exists(file=True))  # instead of start: one prompt a line, each with num_samples samples
     num_samples: int = valid(3, POSITIVE)  # per prompt, decoded as one batch
     max_new_tokens: int = valid(500, POSITIVE)
     temperature: float = valid(0.8, NON_NEGATIVE)  # <1 sharper, >1 more random; 0 greedy (the likeliest token)
     top_k: int | None = valid(200, POSITIVE)  # sample among the k likeliest tokens only; None: all
     top_p: float | None = valid(None, Range(0, 1, low_open=True))  # ...and among the likeliest whose mass reaches p
-    stop: list[str] = field(default_factory=list)  # a sample ends before the first of these strings (\n, \t understood)
+    stop: list[str] = valid(check=NotEmpty(), default_factory=list)  # a sample ends before the first of these strings (\n, \t understood)
     seed: int = valid(1337, NON_NEGATIVE)  # sample j of each prompt draws from seed + j
     stream: bool | None = None  # print the first sample as it is generated; None: when stdout is a terminal
     format: str = valid("text", OneOf("text", "json"))  # json: one object a sample per line, for tools

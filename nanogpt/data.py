@@ -23,7 +23,8 @@ import torch
 
 from nanogpt.config import DataConfig
 from nanogpt.errors import UserError
-from nanogpt.prepare import data_dir, load_meta, prepare
+from nanogpt.datafolder import load_meta
+from nanogpt.prepare import data_dir, prepare
 from nanogpt.shards import TokenStream
 from nanogpt.tokenizer import fingerprint
 

@@ -14,6 +14,7 @@ batches from train_batches() and calls the profiler's step after each train_step
 """
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -62,9 +63,15 @@ def instruments(debug: DebugConfig, model: GPT, device: torch.device, run_dir: P
 
 @contextmanager
 def nonfinite_checks(model: torch.nn.Module) -> Iterator[None]:
-    """A forward hook on every module raises when the module's output holds a NaN or an inf. A
-    module's hook runs as it returns, inner modules before the outer ones that call them, so the
-    first hook to see a non-finite value names the module where it arose."""
+    """The first module where a NaN or an inf arises, named, in forward or in backward.
+
+    Forward: a hook on every module raises when its output is not finite. A module's hook runs as
+    it returns, inner modules before the outer ones that call them, so the first hook to see a
+    non-finite value names the module where it arose. Backward: as a module returns, the autograd
+    nodes its forward made (those numbered since it was called, not yet claimed by an inner
+    module) are marked with its name and get a hook that raises when a gradient they compute is
+    not finite; the engine runs it before anomaly mode's own check, whose forward traceback (a
+    warning) is then not printed."""
 
     def check(name: str):
         def hook(module, args, output):
@@ -72,15 +79,63 @@ def nonfinite_checks(model: torch.nn.Module) -> Iterator[None]:
             if any(isinstance(o, torch.Tensor) and not torch.isfinite(o).all() for o in outputs):
                 raise Diverged(f"debug.anomaly: the first output that is not finite is {name}'s "
                                f"({type(module).__name__}): look at its weights, its inputs and the learning rate")
+            if torch.is_grad_enabled():
+                claim_nodes(outputs, starts.pop(id(module), None), f"{name}'s ({type(module).__name__})")
 
         return hook
 
-    handles = [m.register_forward_hook(check(name or "the model")) for name, m in model.named_modules()]
+    starts: dict[int, int] = {}  # module -> the first autograd node number of its running forward
+
+    def start(module, args):
+        if torch.is_grad_enabled():
+            starts[id(module)] = _next_node_number()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles += [m.register_forward_pre_hook(start), m.register_forward_hook(check(name or "the model"))]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Error detected in ")  # anomaly mode's forward traceback
+            yield
+    except RuntimeError as e:  # anomaly mode's own check, for a node no module made
+        if "returned nan values" not in str(e):
+            raise
+        raise Diverged(f"debug.anomaly: {str(e).splitlines()[0]}") from None
     finally:
         for h in handles:
             h.remove()
+
+
+def _next_node_number() -> int:
+    """The sequence number the next autograd node of this thread gets (it takes this one)."""
+    return torch.empty(0, requires_grad=True).view(0).grad_fn._sequence_nr() + 1
+
+
+def claim_nodes(outputs: tuple, first: int | None, owner: str) -> None:
+    """Mark the unclaimed autograd nodes numbered first or later behind outputs as owner's, each
+    with a hook that raises when a gradient it computes is not finite."""
+    if first is None:
+        return
+    stack = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node._sequence_nr() < first:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+        if "nanogpt_module" not in node.metadata:
+            node.metadata["nanogpt_module"] = owner
+            node.register_hook(_gradient_check(node, owner))
+
+
+def _gradient_check(node, owner: str):
+    def hook(grad_inputs, grad_outputs):
+        if any(g is not None and not torch.isfinite(g).all() for g in grad_inputs):
+            raise Diverged(f"debug.anomaly: the first gradient that is not finite comes from {owner} backward "
+                           f"({node.name()}): look at its inputs, its weights and the learning rate")
+
+    return hook
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from nanogpt import distributed
 from nanogpt.config import EvalConfig, build
+from nanogpt.errors import UserError
 from nanogpt.shards import TokenStream
 from nanogpt.tasks import BitsPerByteTask, ChoiceTask, Rendered
 from nanogpt.tokenizer import Tokenizer
@@ -171,11 +172,16 @@ class Evaluator:
 
 
 def render_all(task: ChoiceTask, tokenizer: Tokenizer, block_size: int) -> list[Rendered | None]:
-    """Every example as token rows; None where the tokenizer cannot encode it."""
+    """Every example as token rows; None where the tokenizer cannot encode it. A task none of
+    whose examples can be encoded stops here: its score would mean nothing."""
     out = []
     for ex in task.examples():
         try:
             out.append(task.render(ex, tokenizer, block_size))
         except ValueError:
             out.append(None)
+    if all(r is None for r in out):
+        raise UserError(f"eval task {task.name}: none of the {len(out)} examples of {task.file} can be encoded "
+                        "with the model's vocabulary (a character vocabulary lacks some of their characters): "
+                        "its score would mean nothing")
     return out

@@ -4,7 +4,8 @@
 
 Writes config.json, model.safetensors and the run's tokenizer: GPT-2's own files (vocab.json,
 merges.txt) for the GPT-2 BPE, a tokenizer.json for a BPE trained on the data (data.tokenizer=bpe),
-both read by `AutoTokenizer` with the ids the run used; a character vocabulary has none. The run's best.pt is taken when there is one, else ckpt.pt.
+both read by `AutoTokenizer` with the ids the run used; a character vocabulary has none. A nanoGPT
+checkpoint records no vocabulary: one of GPT-2's size is taken as GPT-2's BPE (as sample.py does). The run's best.pt is taken when there is one, else ckpt.pt.
 A run without biases exports zero biases (Hugging Face's GPT-2 always has them); settings GPT-2
 cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refused.
 """
@@ -111,9 +112,9 @@ def trained_tokenizer_files(meta: dict, block_size: int) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in (Path(tmp) / "out").iterdir()}
 
 
-def export(run: Path, out: Path, weights: str = "raw") -> list[str]:
+def export(run: Path, out: Path, weights: str = "raw") -> tuple[list[str], str | None]:
     """Write the run's model (weights="ema": with the EMA of its weights) into out as a Hugging
-    Face GPT-2 folder; return the files written."""
+    Face GPT-2 folder; return the files written and, when no tokenizer files are among them, why."""
     model, meta = checkpoint_model(Path(run), weights)
     bad = not_in_gpt2(model.config)
     if bad:
@@ -123,7 +124,7 @@ def export(run: Path, out: Path, weights: str = "raw") -> list[str]:
     except ImportError:
         raise UserError(f"export needs safetensors: {HF_EXTRA}") from None
 
-    tokenizer = (meta or {}).get("tokenizer")
+    tokenizer, note = vocabulary(meta, model.config.vocab_size, run)
     eot = GPT2_EOT if tokenizer == "gpt2" else meta["vocab_size"] - 1 if tokenizer == "bpe" else None
     files = {"config.json": (json.dumps(hf_config(model, eot), indent=2) + "\n").encode()}
     if tokenizer == "gpt2":
@@ -135,7 +136,21 @@ def export(run: Path, out: Path, weights: str = "raw") -> list[str]:
     for name, content in files.items():
         (out / name).write_bytes(content)
     save_file(hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})  # transformers wants "pt"
-    return [*files, "model.safetensors"]
+    return [*files, "model.safetensors"], note
+
+
+def vocabulary(meta: dict | None, vocab_size: int, run: Path) -> tuple[str | None, str | None]:
+    """The tokenizer to export (gpt2, bpe, or None), and why there is none. A checkpoint that
+    records no vocabulary (nanoGPT's) is read as GPT-2's BPE, as sample.py and the eval command
+    read it, when its model is that large; a smaller one had a vocabulary kept elsewhere."""
+    if meta is None:
+        if vocab_size >= GPT2_EOT + 1:
+            return "gpt2", None
+        return None, (f"no tokenizer files: {run} does not record its vocabulary, and {vocab_size} tokens are not "
+                      "GPT-2's (nanoGPT keeps a character vocabulary in its data folder's meta.pkl)")
+    if meta.get("tokenizer") in ("gpt2", "bpe"):
+        return meta["tokenizer"], None
+    return None, "no tokenizer files: the run's vocabulary is characters"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="the weights as trained (raw) or their EMA (a run trained with ema_decay > 0)")
     args = parser.parse_args(argv)
     try:
-        written = export(args.run, args.out, args.weights)
+        written, note = export(args.run, args.out, args.weights)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {', '.join(written)} to {args.out}")
-    if "vocab.json" not in written and "tokenizer.json" not in written:
-        print("no tokenizer files: the run's vocabulary is characters")
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Plots of a run or a sweep, drawn from metrics.jsonl:
 
     python -m nanogpt.plot outputs/2026-11-25/10-00-00    # loss.png, lr.png (tasks.png) in the run folder
-    python -m nanogpt.plot multirun/2026-11-25/11-02-13   # val_loss.png (tasks.png): every job's
+    python -m nanogpt.plot multirun/2026-11-25/11-02-13   # val_loss.png (tasks.png, cells.png): every job's
 
 Figures are built with matplotlib's object API (Figure, no pyplot): no global state, no display
 needed (PNGs are rendered by Agg), and the functions return the figures so tests can read the
@@ -16,8 +16,12 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from nanogpt import stats
+from nanogpt.cells import Cell, group
+from nanogpt.errors import UserError
 from nanogpt.rundir import METRICS, read_metrics, task_scores
 from nanogpt.runs import overrides
+from nanogpt.sweep import summarize
 
 X_LABELS = {"iter": "iteration", "tokens": "tokens"}
 
@@ -66,10 +70,11 @@ def scores_figure(curves: dict[str, list[dict]], folder: Path, title_overrides: 
     return fig
 
 
-def sweep_figures(sweep_dir: Path) -> dict[str, Figure]:
+def sweep_figures(sweep_dir: Path, over: list[str] | None = None) -> dict[str, Figure]:
     """'val_loss': every job's val loss against iterations (left) and tokens (right), one line per
     job, labelled with the overrides that differ between jobs (the shared ones go in the title);
-    'tasks': every job's task scores, when the jobs recorded some."""
+    'tasks': every job's task scores, when the jobs recorded some; 'cells': when jobs differ only
+    in their seed (or the keys `over` names), each cell's mean with its 95% interval."""
     jobs = sweep_jobs(sweep_dir)
     job_overrides = {job: overrides(job) for job in jobs}
     common = set.intersection(*(set(o) for o in job_overrides.values())) if len(jobs) > 1 else set()
@@ -88,7 +93,41 @@ def sweep_figures(sweep_dir: Path) -> dict[str, Figure]:
     tasks = {labels[job]: [r for r in records[job] if r.get("kind") == "tasks"] for job in jobs}
     if any(tasks.values()):
         figures["tasks"] = scores_figure(tasks, Path(sweep_dir), shared)
+    cells = group(summarize(Path(sweep_dir)), over)
+    if any(len(c.runs) > 1 for c in cells):
+        figures["cells"] = cells_figure(cells, Path(sweep_dir))
     return figures
+
+
+def cells_figure(cells: list[Cell], folder: Path) -> Figure:
+    """Left: each cell's mean val loss against iterations with a band for its 95% interval (at
+    the iterations all its runs evaluated); right: each cell's final val loss, mean and interval."""
+    shared = set.intersection(*(set(c.overrides) for c in cells))
+    labels = [" ".join(o for o in c.overrides if o not in shared) or "(no other overrides)" for c in cells]
+    fig = Figure(figsize=(12, max(4.5, 2 + 0.4 * len(cells))), layout="constrained")
+    curves, finals = fig.subplots(1, 2)
+    colors = {}
+    for cell, label in zip(cells, labels):
+        evals = [{e["iter"]: e["val_loss"] for e in run["evals"]} for run in cell.runs]
+        iters = sorted(set.intersection(*(set(e) for e in evals))) if evals else []
+        points = [stats.estimate([e[it] for e in evals]) for it in iters]
+        (line,) = curves.plot(iters, [p.mean for p in points], marker="o", label=f"{label} (n={len(cell.runs)})")
+        colors[label] = line.get_color()
+        if len(cell.runs) > 1:
+            curves.fill_between(iters, [p.ci_low for p in points], [p.ci_high for p in points], color=colors[label], alpha=0.2)
+    _style(curves, "iter", "val loss (mean, 95% interval)")
+    curves.legend(fontsize="small")
+    for y, (cell, label) in enumerate(zip(cells, labels)):
+        e = stats.estimate([r["final_val_loss"] for r in cell.runs if r["final_val_loss"] is not None])
+        if e.mean is not None:
+            xerr = None if e.ci_low is None else [[e.mean - e.ci_low], [e.ci_high - e.mean]]
+            finals.errorbar([e.mean], [y], xerr=xerr, fmt="o", capsize=4, color=colors[label])
+    finals.set_yticks(range(len(cells)), labels, fontsize="small")
+    finals.set_ylim(-0.7, len(cells) - 0.3)
+    finals.set_xlabel("final val loss (mean, 95% interval)")
+    finals.grid(alpha=0.3)
+    _title(fig, folder, [o for o in cells[0].overrides if o in shared])
+    return fig
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -97,15 +136,16 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: [s.zfill(9) if s.isdigit() else s for s in p.relative_to(sweep_dir).parts])
 
 
-def plot(folder: Path) -> list[Path]:
-    """Write the PNGs of a run or sweep folder into it; return their paths."""
+def plot(folder: Path, over: list[str] | None = None) -> list[Path]:
+    """Write the PNGs of a run or sweep folder into it; return their paths. `over`: the keys a
+    sweep's cells vary in (default: system.seed)."""
     folder = Path(folder)
     if (folder / METRICS).exists():
         figures = run_figures(folder)
     elif sweep_jobs(folder):
-        figures = sweep_figures(folder)
+        figures = sweep_figures(folder, over)
     else:
-        raise FileNotFoundError(f"{folder}: no {METRICS} in it or in folders below it: not a run or sweep folder")
+        raise UserError(f"{folder}: no {METRICS} in it or in folders below it: not a run or sweep folder")
     paths = []
     for name, fig in figures.items():
         fig.savefig(folder / f"{name}.png", dpi=110)
@@ -135,12 +175,14 @@ def _title(fig: Figure, folder: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanogpt.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
+    parser.add_argument("--over", help="the keys a sweep's cells vary in, comma-separated (default: system.seed)")
     args = parser.parse_args(argv)
     for folder in args.folders:
         try:
-            paths = plot(folder)
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
+            paths = plot(folder, args.over.split(",") if args.over else None)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print("\n".join(str(p) for p in paths))
 
 

@@ -11,18 +11,16 @@ there and writes byte-identical shards, whatever data.workers: batches are a fix
 pieces counted from the start, and every piece is encoded on its own. data.max_tokens stops at the
 end of the batch that reaches it; raising it later extends the folder from where it stopped.
 
-meta.json, written last, marks a finished folder and records what it was made from (each source's
-path, size, modification time and SHA-256, or the dataset's name, configuration, revision and
-files; the tokenizer; the split; the budget). Every start compares that record with the run's
-settings: a folder is never silently used for other data, nor prepared again in place unless
-data.reprepare=true says so (older runs and other jobs of a sweep may be reading it).
+A row file's bad row (data.bad_rows=stop) stops the preparation with what it has saved kept:
+after the row is corrected, the same command continues where it can prove the bytes it already
+read are unchanged, else restarts saying why (nanogpt.datafolder.cannot_continue); either way the
+shards are byte-identical to a clean preparation's. meta.json, written last, marks a finished
+folder and records what it was made from (nanogpt.datafolder).
 
     python -m nanogpt.prepare data=shakespeare
 """
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -37,14 +35,15 @@ from pathlib import Path
 import numpy as np
 
 from nanogpt.config import DataConfig
+from nanogpt.datafolder import (LAYOUT, PROGRESS, REPREPARE, cannot_continue, damaged, load_meta, made_from, read_json,
+                                stale, write_json)
 from nanogpt.errors import UserError
 from nanogpt.shards import read_shard, token_dtype, write_shard
-from nanogpt.sources import Source, groups, source_files, text_chars
+from nanogpt.sources import Source, text_chars
 from nanogpt.tokenizer import definition, fingerprint, tiktoken_encoding, tokenizer_from_meta, train_bpe
 
 BATCH_PIECES = 128  # pieces encoded together: documents, or 64K-character chunks of text files
 SPLITS = ("train", "val")
-LAYOUT = 2  # 1: one train.bin and val.bin, before shards
 
 log = logging.getLogger("nanogpt")
 
@@ -55,20 +54,22 @@ def data_dir(data: DataConfig) -> Path:
 
 def prepare(data: DataConfig) -> Path:
     """Prepare the data folder if it is not there yet, finish or extend it, or prepare it again if
-    data.reprepare=true and it was made from other settings; return its path."""
+    data.reprepare=true and it was made from other settings or is damaged; return its path."""
     out = data_dir(data)
     with preparation_lock(out):
-        meta = load_meta(out) if (out / "meta.json").exists() else None
-        if meta is not None:
-            why = stale(meta, data)
+        meta = None
+        if (out / "meta.json").exists():
+            why, advice = damaged(out), REPREPARE
             if why is None:
-                _remove_progress(out)  # a preparation killed after writing meta.json leaves some
-                return out
+                meta = load_meta(out)
+                why, advice = stale(meta, data), f"choose another data.name, or {REPREPARE}"
+                if why is None:
+                    _remove_progress(out)  # a preparation killed after writing meta.json leaves some
+                    return out
             if why != "extend":
                 if not data.reprepare:
-                    raise UserError(f"data folder {out} was prepared from other data ({why}): choose another "
-                                    "data.name, or set data.reprepare=true to prepare it again")
-                log.warning(f"preparing {out} again: {why}")
+                    raise UserError(f"data folder {out} {why}: {advice}")
+                log.warning(f"preparing {out} again: it {why}")
                 _remove(out)
                 meta = None
         elif not (out / "progress.json").exists() and any(not f.name.endswith(".tmp") for f in _files(out)):
@@ -76,7 +77,9 @@ def prepare(data: DataConfig) -> Path:
         try:
             Preparation(data, out, meta).run()
         except UserError:
-            if meta is None and out.exists():  # the data is wrong: nothing worth continuing from
+            # a preparation stopped by its data keeps what it saved: once the file is corrected,
+            # the same command continues (Preparation._resume_state says whether it can)
+            if meta is None and out.exists() and not (read_json(out / "progress.json") or {}).get("position"):
                 _remove(out)
             raise
     return out
@@ -147,11 +150,12 @@ class Preparation:
         it), or the beginning, with the vocabulary learnt first."""
         progress = self.out / "progress.json"
         if progress.exists():
-            state = json.loads(progress.read_text())
-            if same_data(state["made_from"], self.record):
+            state = read_json(progress) or {}
+            why = cannot_continue(state, self.record, self.data)
+            if why is None:
                 log.info(f"continuing the preparation of {self.out} from batch {state['batches']:,}")
-                return state
-            log.warning(f"{self.out} holds an unfinished preparation of other data: starting afresh")
+                return state | {"made_from": self.record}
+            log.warning(f"restarting the preparation of {self.out}: {why}")
             if meta is None:
                 shutil.rmtree(self.out)
             else:  # a finished folder under an unfinished extension: keep what is finished
@@ -162,7 +166,7 @@ class Preparation:
         n_text_chars = text_chars(self.data)
         state = {"vocabulary": self._learn_vocabulary(n_text_chars), "n_text_chars": n_text_chars, "position": None,
                  "batches": 0, "splits": {s: {"shards": [], "tokens": 0, "open": None} for s in SPLITS},
-                 "made_from": self.record}
+                 "made_from": self.record, "version": PROGRESS}
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(progress, state)  # from here on, the folder is a preparation to continue
         return state
@@ -171,11 +175,12 @@ class Preparation:
         data = self.data
         if data.tokenizer == "char":
             alphabet = set()
-            for piece in Source(data, n_text_chars).pieces():
+            for piece in Source(data, n_text_chars, log_skipped=False).pieces():
                 alphabet.update(piece.text)
             return {"tokenizer": "char", "chars": "".join(sorted(alphabet))}
         if data.tokenizer == "bpe":
-            return train_bpe(train_text(Source(data, n_text_chars).pieces(), data.bpe_train_chars), data.bpe_vocab_size)
+            pieces = Source(data, n_text_chars, log_skipped=False).pieces()
+            return train_bpe(train_text(pieces, data.bpe_train_chars), data.bpe_vocab_size)
         try:
             tiktoken_encoding(data.tokenizer)
         except ValueError as e:
@@ -268,7 +273,10 @@ class Preparation:
             if not split.shards:
                 raise UserError(f"the {split.name} split of {self.data.source or self.data.hf_dataset} is empty: "
                                 "add data, or change data.val_fraction")
-        rows, expected = (self.state["position"] or {}).get("rows", 0), self.data.expected_documents
+        position = self.state["position"] or {}
+        rows, bad_rows, expected = position.get("rows", 0), position.get("bad_rows", 0), self.data.expected_documents
+        if bad_rows:
+            log.warning(f"{self.out}: {bad_rows:,} bad rows left out (data.bad_rows=skip); meta.json records the count")
         if exhausted and expected is not None and rows != expected:
             log.warning(f"{self.data.hf_dataset or self.data.source} holds {rows:,} documents; the full set has "
                         f"{expected:,}: this copy is partial")
@@ -280,7 +288,7 @@ class Preparation:
         meta = self.state["vocabulary"] | {
             "layout": LAYOUT, "vocab_size": self.tokenizer.vocab_size, "dtype": token_dtype(self.tokenizer.vocab_size).name,
             "train_tokens": self.splits["train"].tokens, "val_tokens": self.splits["val"].tokens,
-            "splits": split_meta, "rows": rows, "exhausted": exhausted, "made_from": self.record, "progress": progress,
+            "splits": split_meta, "rows": rows, "bad_rows": bad_rows, "exhausted": exhausted, "made_from": self.record, "progress": progress,
         }
         write_json(self.out / "meta.json", meta)
         _remove_progress(self.out)
@@ -300,94 +308,12 @@ def train_text(pieces: Iterator, limit: int) -> Iterator[str]:
                 return
 
 
-def write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
-def settings(data: DataConfig) -> dict:
-    """The settings a prepared folder depends on, besides its source files."""
-    keys = ["tokenizer", "val_fraction", "max_tokens", "shard_tokens", "text_column"]
-    keys += ["bpe_vocab_size", "bpe_train_chars"] if data.tokenizer == "bpe" else []
-    keys += ["hf_dataset", "hf_name", "hf_revision", "data_files"] if data.hf_dataset else []
-    return {k: list(v) if k == "data_files" else v for k in keys for v in [getattr(data, k)]}
-
-
-def made_from(data: DataConfig) -> dict:
-    """What a folder prepared with these settings is made from."""
-    if data.hf_dataset:
-        return settings(data)
-    sources = [{"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns, "sha256": sha256(f)}
-               for f in source_files(data.source)]
-    return settings(data) | {"sources": sources}
-
-
-def same_data(then: dict, now: dict) -> bool:
-    """Records that differ at most in the budget (a preparation stopped short of it continues)."""
-    return {k: v for k, v in then.items() if k != "max_tokens"} == {k: v for k, v in now.items() if k != "max_tokens"}
-
-
-def stale(meta: dict, data: DataConfig) -> str | None:
-    """Why a prepared folder does not hold what these settings would make ("extend": only the
-    budget grew), or None. A source counts as the same when its path, size and modification time
-    are, or its contents."""
-    if meta.get("layout") != LAYOUT:
-        return "it was prepared by an older version, as one train.bin"
-    record = meta["made_from"]
-    for key, now in settings(data).items():
-        if key != "max_tokens" and record.get(key) != now:
-            return f"data.{key} was {record.get(key)!r}, now {now!r}"
-    if not data.hf_dataset:
-        why = changed_sources(record.get("sources", []), source_files(data.source))
-        if why:
-            return why
-    then, now, total = record["max_tokens"], data.max_tokens, meta["train_tokens"] + meta["val_tokens"]
-    if then == now or (meta["exhausted"] and (now is None or now >= total)):
-        return None
-    if now is None or (then is not None and now > then):
-        return "extend"
-    return f"data.max_tokens was {then}, now {now}"
-
-
-def changed_sources(sources: list[dict], files: list[Path]) -> str | None:
-    if len(files) != len(sources):
-        return f"{len(sources)} source files then, {len(files)} now"
-    for f, then in zip(files, sources):
-        now = f.stat()
-        same_file = (str(f.resolve()), now.st_mtime_ns) == (then["path"], then["mtime_ns"])
-        if now.st_size != then["size"] or not (same_file or sha256(f) == then["sha256"]):
-            return f"{f} is not the {then['path']} it was prepared from"
-    return None
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_meta(path: Path) -> dict:
-    """A data folder's meta.json (JSON, never pickle: opening a folder runs no code)."""
-    meta_file = path / "meta.json"
-    if not meta_file.exists():
-        raise UserError(f"no prepared data in {path}: run python -m nanogpt.prepare data=<name> (or just train)")
-    try:
-        meta = json.loads(meta_file.read_text())
-        meta["vocab_size"], meta["dtype"] = int(meta["vocab_size"]), str(meta["dtype"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_file} is not a valid vocabulary file ({e}); prepare the data again") from None
-    return meta
-
-
 def main() -> None:
     import hydra
 
     from nanogpt.cli import job, run_cli
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
     @job
     def _main(cfg) -> None:
         from nanogpt.config import to_train_config

@@ -40,16 +40,34 @@ def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray, fingerpr
 
 
 def read_header(path: Path) -> tuple[np.dtype, int, int, bytes]:
-    """(token dtype, token count, document count, tokenizer fingerprint) of a shard."""
+    """(token dtype, token count, document count, tokenizer fingerprint) of a shard, checked whole."""
+    why = shard_problem(path)
+    if why:
+        raise UserError(f"{why}: prepare the data again (data.reprepare=true)")
     with open(path, "rb") as f:
         header = f.read(HEADER_BYTES)
-    if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
-        raise UserError(f"{path} is not a token shard: prepare the data again (data.reprepare=true)")
-    version, itemsize, n_tokens, n_docs = np.frombuffer(header, "<i8", 4, len(MAGIC))
-    if version != VERSION:
-        raise UserError(f"{path} is a version {version} shard; this code reads version {VERSION}")
+    _, itemsize, n_tokens, n_docs = np.frombuffer(header, "<i8", 4, len(MAGIC))
     fingerprint = header[len(MAGIC) + 32 : len(MAGIC) + 64]
     return np.dtype(np.uint16 if itemsize == 2 else np.uint32), int(n_tokens), int(n_docs), fingerprint
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a file is not a whole shard: missing, not a shard, another version, or not the size its
+    header says (a copy or a disk cut it short)."""
+    try:
+        with open(path, "rb") as f:
+            header, size = f.read(HEADER_BYTES), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    if len(header) < HEADER_BYTES or not header.startswith(MAGIC):
+        return f"{path} is not a token shard"
+    version, itemsize, n_tokens, n_docs = (int(v) for v in np.frombuffer(header, "<i8", 4, len(MAGIC)))
+    if version != VERSION:
+        return f"{path} is a version {version} shard; this code reads version {VERSION}"
+    expected = HEADER_BYTES + n_tokens * itemsize + n_docs * 8
+    if size != expected:
+        return f"{path} holds {size:,} bytes, not the {expected:,} its header says"
+    return None
 
 
 def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +86,6 @@ class TokenStream:
             raise UserError("a split has no shards: prepare the data again (data.reprepare=true)")
         self.files, self.headers = files, []
         for f in files:
-            if not f.exists():
-                raise UserError(f"{f} is missing: prepare the data again (data.reprepare=true)")
             self.headers.append(read_header(f))
             if self.headers[-1][3] != fingerprint:
                 raise UserError(f"{f} was encoded with another tokenizer than its folder's meta.json says")

@@ -12,23 +12,26 @@ the loss taken over the choice's tokens only (build-nanogpt's and llm.c's HellaS
 """
 
 import hashlib
-import json
 import logging
 import os
 import random
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from nanogpt import jsonl
 from nanogpt.config import BitsPerByteConfig, ChoiceTaskConfig
 from nanogpt.errors import UserError
 from nanogpt.tokenizer import Tokenizer
 
 log = logging.getLogger("nanogpt")
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Example:
     choices: list[str]
     label: int
     fewshot: list["Example"] | None = None  # solved examples shown before this one
+    where: str = ""  # file:line, for messages
 
 
 @dataclass
@@ -99,6 +103,10 @@ class ChoiceTask:
                     others = [j for j in random.Random(i).sample(range(len(pool)), min(c.fewshot + 1, len(pool)))
                               if pool[j] is not ex][: c.fewshot]
                     ex.fewshot = [pool[j] for j in others]
+        for ex in chosen:
+            if not ex.context and not ex.fewshot:
+                raise UserError(f"{ex.where}: an empty context and no few-shot examples before it: the choices' "
+                                "first tokens have nothing to be predicted from")
         return chosen
 
     def render(self, ex: Example, tokenizer: Tokenizer, block_size: int) -> Rendered:
@@ -124,27 +132,66 @@ class ChoiceTask:
 
 def read_examples(path: Path, format: str) -> list[Example]:
     """A task file's rows as Examples; `hellaswag`: the official rows (ctx, endings, label)."""
+    return read_rows(path, lambda row, where: _example(row, format, where), ROW_KEYS[format])
+
+
+ROW_KEYS = {"choices": '{"context": str, "choices": [str, ...], "label": int}',
+            "hellaswag": '{"ctx": str, "endings": [str, ...], "label": int}'}
+
+
+def read_rows(path: Path, parse: Callable[[dict, str], T], shape: str) -> list[T]:
+    """Every row of a task's jsonl file through parse(row, "file:line"). A line that is not a JSON
+    object, or a row parse refuses (KeyError: a missing key; TypeError, ValueError: a wrong value,
+    its message the reason), stops with one line naming the file, the line and the row's shape;
+    so does a file without rows. Every task format reads its file with this."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            try:
-                out.append(_example(row, format))
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path}:{n}: not a {format} row ({type(e).__name__}: {e})") from None
+    for n, row in jsonl.rows(path):
+        try:
+            out.append(parse(row, f"{path}:{n}"))
+        except (KeyError, TypeError, ValueError) as e:
+            reason = f"no {e} key" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{path}:{n}: {reason}; a row is {shape}") from None
+    if not out:
+        raise UserError(f"{path}: no examples: a task file holds one JSON object a line, {shape}")
     return out
 
 
-def _example(row: dict, format: str) -> Example:
-    if format == "hellaswag":
-        return Example(row["ctx"], list(row["endings"]), int(row["label"]))
-    shots = [_example(s, format) for s in row["fewshot"]] if "fewshot" in row else None
-    ex = Example(row["context"], list(row["choices"]), int(row["label"]), shots)
+def _example(row, format: str, where: str = "") -> Example:
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSON {type(row).__name__} where an example belongs")
+    context, choices = ("ctx", "endings") if format == "hellaswag" else ("context", "choices")
+    ex = Example(_text(row[context], context), _choices(row[choices], choices), _label(row["label"]), where=where)
     if not 0 <= ex.label < len(ex.choices):
-        raise ValueError(f"label {ex.label} is not one of the {len(ex.choices)} choices")
+        raise ValueError(f"label {ex.label} is not one of the {len(ex.choices)} choices (0 to {len(ex.choices) - 1})")
+    if format != "hellaswag" and "fewshot" in row:
+        if not isinstance(row["fewshot"], list):
+            raise TypeError("fewshot is not a list of solved examples")
+        ex.fewshot = [_example(s, format, where) for s in row["fewshot"]]
     return ex
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is {type(value).__name__}, not a string")
+    return value
+
+
+def _choices(value, key: str) -> list[str]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise TypeError(f"{key} is not a list of at least two strings")
+    for i, choice in enumerate(value):
+        if not _text(choice, f"{key}[{i}]"):
+            raise ValueError(f"{key}[{i}] is an empty string: an empty choice has no tokens to score")
+    return value
+
+
+def _label(value) -> int:
+    """An int, or a string of one (some copies of HellaSwag store "3")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise TypeError(f"label {value!r} is not the index of a choice")
 
 
 def download(url: str, dest: Path, checksum: str | None) -> None:

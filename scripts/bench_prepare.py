@@ -4,15 +4,15 @@
 
 The corpus: documents of 500 to 8000 characters (about FineWeb's spread) cut at random from the
 Tiny Shakespeare this package ships, until --mb megabytes, written as one parquet file (the
-FineWeb path) and as one text file. Every figure is MB of UTF-8 text and tokens per second,
+FineWeb path), as JSON lines and as one text file. Every figure is MB of UTF-8 text and tokens per second,
 reading and writing included unless said:
 
 - nanoGPT's way: its prepare scripts read the whole text and call `encode_ordinary` once (one core),
   then write the tokens;
 - the limit: tiktoken's own batched encoder (`encode_ordinary_batch`) on every core, on documents
   already in memory, nothing read or written;
-- ours: `python -m nanogpt.prepare` from the parquet file through datasets into shards, every core,
-  and from the text file.
+- ours: `python -m nanogpt.prepare` from the parquet file (read by pyarrow) into shards, every
+  core and one, from the same documents as JSON lines, and from the text file.
 
 Tokenizer training: rustbpe (the one data.tokenizer=bpe uses) and Hugging Face tokenizers, to a
 vocabulary of --vocab: time, characters per token on text they never saw, encoding speed.
@@ -67,6 +67,7 @@ def preparation(docs: list[str], work: Path, cores: int) -> list[dict]:
     enc = tiktoken.get_encoding("gpt2")
     n_bytes = sum(len(d.encode()) for d in docs)
     pq.write_table(pa.table({"text": docs}), work / "corpus.parquet")
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (work / "corpus.txt").write_text("".join(docs))
 
     def nanogpt_way() -> int:
@@ -79,7 +80,7 @@ def preparation(docs: list[str], work: Path, cores: int) -> list[dict]:
     seconds, n_tokens = timed(lambda: sum(map(len, enc.encode_ordinary_batch(docs, num_threads=cores))))
     rows.append(row(f"limit: tiktoken encode_ordinary_batch, {cores} threads, in memory", seconds, n_tokens, n_bytes))
     for name, source, workers in [("parquet", "corpus.parquet", cores), ("parquet", "corpus.parquet", 1),
-                                  ("text file", "corpus.txt", cores)]:
+                                  ("JSON lines", "corpus.jsonl", cores), ("text file", "corpus.txt", cores)]:
         shutil.rmtree(work / "data", ignore_errors=True)
         data = DataConfig(name="bench", root=str(work / "data"), source=[str(work / source)], tokenizer="gpt2",
                           val_fraction=0.001, workers=workers)

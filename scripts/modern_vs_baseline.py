@@ -4,6 +4,7 @@ ablation of each modern option; prints the tables of docs/modern_recipe.md (mark
     python scripts/modern_vs_baseline.py                          # 3 seeds, ablation included
     python scripts/modern_vs_baseline.py --ablation-seeds 1337    # ablation on one seed only
     python scripts/modern_vs_baseline.py --reuse                  # reprint from finished runs
+    python scripts/modern_vs_baseline.py --no-headline            # the ablation alone
 
 Both recipes run on Shakespeare char at nanoGPT's CPU recipe size (4 layers, 4 heads, 128 wide,
 block 64, batch 12), in this session, on the same data, CPU fp32, compile off, the same threads:
@@ -17,10 +18,14 @@ train_time_s, training time only, evals excluded. A recipe's time is the median 
 of the time of its first eval at or below --target, a seed that never gets there counting as
 infinitely late. Runs alternate baseline/modern per seed, so a busy phase of the machine hits
 both.
-The ablation flips one setting of the modern recipe at a time and reports val loss after its 400
-iterations and at a fixed wall-clock budget (the modern recipe's median time to the target). Its
-first row runs the modern recipe again, beside the variants, so that the wall-clock column
-compares runs of one period of the machine.
+The ablation flips one setting of the modern recipe at a time; its table is the runs' cells
+(nanogpt.cells, as `python -m nanogpt.sweep <out>/ablation --baseline experiment=ablation --target
+1.886` prints them): per row the mean val loss after its 400 iterations with a 95% interval, the
+change against the modern recipe (all on) with Welch's interval, p-value, Holm's adjusted p-value
+over the rows and Cohen's d, the iterations and training seconds to the target (interpolated
+between evaluations) and the one-sided p-value that the row's mean ends below the target. Its
+first row runs the modern recipe again, beside the variants, so that the seconds compare runs of
+one period of the machine.
 """
 
 import argparse
@@ -35,7 +40,10 @@ from pathlib import Path
 
 import torch
 
+from nanogpt.cells import Comparison, compare
 from nanogpt.rundir import read_metrics, read_status
+from nanogpt.stats import below_target
+from nanogpt.sweep import job_row
 
 ROOT = Path(__file__).resolve().parent.parent  # the nanogpt checkout: train.py, conf/
 
@@ -70,11 +78,6 @@ class Run:
         hit = self.first_below(target)
         return hit and hit[1]
 
-    def val_at_time(self, budget_s: float) -> float | None:
-        """Val loss of the last eval within budget_s seconds of training."""
-        within = [loss for _, loss, t in self.evals if t <= budget_s]
-        return within[-1] if within else None
-
     @property
     def final(self) -> tuple[int, float]:
         return self.evals[-1][0], self.evals[-1][1]
@@ -98,9 +101,9 @@ def train(run_dir: Path, overrides: list[str], seed: int, reuse: bool) -> Run:
 
 
 def median(values: list[float | None]) -> float | None:
-    """The median over the seeds. A missing value (a run that never reached the target, or had no
-    eval within the budget) counts as infinitely late or bad, so one such seed of three still
-    gives a median; None when the median itself is missing."""
+    """The median over the seeds. A missing value (a run that never reached the target) counts as
+    infinitely late, so one such seed of three still gives a median; None when the median itself
+    is missing."""
     m = statistics.median([math.inf if v is None else v for v in values]) if values else math.inf
     return None if m == math.inf else m
 
@@ -109,10 +112,11 @@ def fmt(x: float | None, spec: str = ".3f", missing: str = "not reached") -> str
     return missing if x is None else format(x, spec)
 
 
-def headline(runs: dict[str, list[Run]], target: float) -> tuple[str, float | None]:
-    """The comparison table and the modern recipe's median time to the target. A seed that never
-    reaches the target gets there later than its whole training time, so the median of the seeds'
-    times, those counted at their whole training time, bounds a censored median from below."""
+def headline(runs: dict[str, list[Run]], target: float) -> str:
+    """The comparison table. A seed that never reaches the target gets there later than its whole
+    training time, so the median of the seeds' times, those counted at their whole training time,
+    bounds a censored median from below. The last column is modded-nanogpt's record rule: the
+    one-sided t-test that the mean final val loss is below the target (a record needs p < 0.01)."""
     hits = {name: [r.first_below(target) for r in rs] for name, rs in runs.items()}
     med, exact = {}, {}
     for name, rs in runs.items():
@@ -122,8 +126,9 @@ def headline(runs: dict[str, list[Run]], target: float) -> tuple[str, float | No
         if not exact[name]:
             med[name] = statistics.median(r.evals[-1][2] if t is None else t for t, r in zip(times, rs, strict=True))
     rows = [
-        f"| recipe | time to val loss <= {target}, median (s) | per seed (s) | iterations | ms/iter | final val loss |",
-        "|---|---|---|---|---|---|",
+        f"| recipe | time to val loss <= {target}, median (s) | per seed (s) | iterations | ms/iter | final val loss "
+        f"| p(mean final < {target}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     commands = {"baseline": "`python train.py` (default run)", "modern": "`python train.py experiment=modern`"}
     for name, rs in runs.items():
@@ -132,39 +137,53 @@ def headline(runs: dict[str, list[Run]], target: float) -> tuple[str, float | No
         finals = ", ".join(f"{r.final[1]:.3f} @ {r.final[0]}" for r in rs)
         ms = statistics.median(r.ms_per_iter for r in rs)
         shown = f"{med[name]:.1f}" if exact[name] else f"> {med[name]:.1f}"
-        rows.append(f"| {name}: {commands[name]} | {shown} | {per_seed} | {iters} | {ms:.1f} | {finals} |")
+        p = fmt(below_target([r.final[1] for r in rs], target), ".2g", "-")
+        rows.append(f"| {name}: {commands[name]} | {shown} | {per_seed} | {iters} | {ms:.1f} | {finals} | {p} |")
     if not exact["modern"]:
-        return "\n".join(rows), None
+        return "\n".join(rows)
     ratio = med["modern"] / med["baseline"]
     if exact["baseline"]:
         rows.append(f"\nThe modern recipe needs {ratio:.0%} of the baseline's time ({1 / ratio:.2f}x faster).")
     else:
         rows.append(f"\nThe modern recipe needs less than {ratio:.0%} of the baseline's time (more than "
                     f"{1 / ratio:.2f}x faster); the baseline's median is a lower bound (\"> s\": not reached in that time).")
-    return "\n".join(rows), med["modern"]
-
-
-def ablation_table(runs: dict[str, list[Run]], budget_s: float, target: float) -> str:
-    full = runs[ABLATION[0][0]]
-    iters = full[0].final[0]
-    ref_iters = median([r.final[1] for r in full])
-    ref_budget = median([r.val_at_time(budget_s) for r in full])
-    rows = [
-        f"| variant | ms/iter | val loss @ {iters} iterations | change | val loss @ {budget_s:.1f} s | change "
-        f"| time to {target} (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, rs in runs.items():
-        at_iters = median([r.final[1] for r in rs])
-        at_budget = median([r.val_at_time(budget_s) for r in rs])
-        change_iters = None if at_iters is None or ref_iters is None else at_iters - ref_iters
-        change_budget = None if at_budget is None or ref_budget is None else at_budget - ref_budget
-        to_target = median([r.time_to(target) for r in rs])
-        rows.append(
-            f"| {name} | {statistics.median(r.ms_per_iter for r in rs):.1f} | {fmt(at_iters)} | {fmt(change_iters, '+.3f', '-')} "
-            f"| {fmt(at_budget, '.3f', '-')} | {fmt(change_budget, '+.3f', '-')} | {fmt(to_target, '.1f')} |"
-        )
     return "\n".join(rows)
+
+
+def ablation_table(runs: dict[str, list[Run]], folders: dict[str, list[Path]], target: float) -> str:
+    """One row per variant from the cells of its runs (folders: variant -> its run folders)."""
+    rows = [job_row(run_dir, run_dir.parent.parent) for run_dirs in folders.values() for run_dir in run_dirs]
+    _, cells = compare(rows, Comparison(baseline=" ".join(MODERN), target=target))
+    shared = set(next(c for c in cells if c["baseline"])["overrides"].split())
+    by_flip = {frozenset(set(c["overrides"].split()) - shared): c for c in cells}
+    iters = runs[ABLATION[0][0]][0].final[0]
+    table = [
+        f"| variant | n | ms/iter | val loss @ {iters} iterations | change | p | p (Holm) | d "
+        f"| iterations to {target} | time to {target} (s) | p(mean < {target}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, flip in ABLATION:
+        c = by_flip[frozenset(flip)]
+        m = "final_val_loss"
+        change = "" if c["baseline"] else interval(c, f"{m}/diff", f"{m}/diff_ci", "+.3f")
+        p_values = ["", ""] if c["baseline"] else [fmt(c[f"{m}/p_value"], ".2g", "-"), fmt(c[f"{m}/p_holm"], ".2g", "-")]
+        reached = f"{c['reached']}/{c['n']} reached" if c["reached"] < c["n"] else None
+        table.append(
+            f"| {name} | {c['n']} | {statistics.median(r.ms_per_iter for r in runs[name]):.1f} "
+            f"| {interval(c, f'{m}/mean', f'{m}/ci')} | {change} | {' | '.join(p_values)} "
+            f"| {'' if c['baseline'] else fmt(c[f'{m}/effect_size'], '+.1f', '-')} "
+            f"| {reached or interval(c, 'iters_to_target/mean', 'iters_to_target/ci', '.0f')} "
+            f"| {reached or interval(c, 'time_to_target_s/mean', 'time_to_target_s/ci', '.1f')} "
+            f"| {fmt(c[f'{m}/p_target'], '.2g', '-')} |"
+        )
+    return "\n".join(table)
+
+
+def interval(cell: dict, value: str, ci: str, spec: str = ".3f") -> str:
+    """'1.812 [1.790, 1.834]': a value with its 95% interval (the value alone for one run)."""
+    low, high = cell.get(f"{ci}_low"), cell.get(f"{ci}_high")
+    bounds = "" if low is None else f" [{low:{spec}}, {high:{spec}}]"
+    return fmt(cell.get(value), spec, "-") + bounds
 
 
 def cpu_name() -> str:
@@ -180,6 +199,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.886, help="nanoGPT's val loss at iteration 2000 on this machine kind")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "modern_vs_baseline")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out instead of training again")
+    parser.add_argument("--no-headline", action="store_true", help="the ablation only, not the recipes' comparison")
     parser.add_argument("--threads", type=int, default=None,
                         help="system.num_threads of every run (default: train.py's, all CPUs); 1 on a busy machine, "
                         "where a thread of a parallel matmul waits for a descheduled peer")
@@ -197,24 +217,24 @@ def main() -> None:
         return done[run_dir]
 
     runs: dict[str, list[Run]] = {"baseline": [], "modern": []}
-    for seed in args.seeds:
+    for seed in [] if args.no_headline else args.seeds:
         runs["baseline"].append(run("baseline", BASELINE, seed))
         runs["modern"].append(run("modern", MODERN, seed))
-    table, budget_s = headline(runs, args.target)
-    print(f"\n{cpu_name()}, {args.threads or torch.get_num_threads()} threads, torch {torch.__version__}, seeds {' '.join(map(str, args.seeds))}\n")
-    print(table)
+    if runs["baseline"]:
+        print(f"\n{cpu_name()}, {args.threads or torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"seeds {' '.join(map(str, args.seeds))}\n")
+        print(headline(runs, args.target))
     if not ablation_seeds:
         return
-    if budget_s is None:
-        sys.exit("\nno ablation: the modern recipe did not reach the target on every seed")
     abl: dict[str, list[Run]] = {}
+    folders: dict[str, list[Path]] = {}
     for seed in ablation_seeds:
         for i, (name, flip) in enumerate(ABLATION):
             abl.setdefault(name, []).append(run(f"ablation/{i}", [*MODERN, *flip], seed))
-    print(f"\nAblation, median of seeds {' '.join(map(str, ablation_seeds))}: one setting of the modern recipe "
-          f"flipped per row; the budget is the modern recipe's median time to {args.target}.\n")
-    print(ablation_table(abl, budget_s, args.target))
-
+            folders.setdefault(name, []).append(out / f"ablation/{i}" / f"seed{seed}")
+    print(f"\nAblation, seeds {' '.join(map(str, ablation_seeds))}: one setting of the modern recipe flipped per row; "
+          f"mean [95% interval]; change, p (Welch) and d against the first row.\n")
+    print(ablation_table(abl, folders, args.target))
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,26 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+# the callback's comparison of the seeded sweep: against the lower learning rate, to a val loss
+# its tiny runs cross between their two evaluations or reach at the first
+SEEDED_BASELINE, SEEDED_TARGET = "optim.learning_rate=0.001", 3.9
+
+
+@pytest.fixture(scope="session")
+def seeded_sweep(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real multirun in one process (the basic launcher): 2 learning rates x 3 seeds of the tiny
+    model, bits per byte every 10 iterations; its summary compares the cells. Shared: copy it
+    before changing anything in it. (sweep folder, the finished process)"""
+    folder = tmp_path_factory.mktemp("seeded") / "sweep"
+    proc = run_script(
+        "train.py", "-m", *TINY, "system.num_threads=1", f"data.root={data_root}", f"hydra.sweep.dir={folder}",
+        "optim.learning_rate=1e-3,2e-3", "system.seed=1,2,3", "eval=[bpb]", "eval.interval=10", "eval.tasks.bpb.tokens=256",
+        f"hydra.callbacks.sweep_summary.baseline='{SEEDED_BASELINE}'", f"hydra.callbacks.sweep_summary.target={SEEDED_TARGET}",
+        cwd=folder.parent,
+    )
+    return folder, proc
+
+
 def compose_cfg(*overrides: str, config_name: str = "config"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -52,6 +52,21 @@ def test_misspelt_bench_key_fails_at_composition(tmp_path):
     assert proc.returncode != 0 and "iterations" in proc.stderr
 
 
+def test_bench_keys_are_bench_py_s_alone_even_once_it_is_imported():
+    """bench.py types its `bench` node with a schema of its own: importing it changes nothing of
+    train.py's config, where bench.* stays an unknown key."""
+    from hydra.errors import ConfigCompositionException
+
+    import bench
+    from conftest import compose_cfg
+    from nanogpt.config import to_train_config
+
+    assert isinstance(to_train_config(compose_cfg("bench.iters=5", config_name="bench")).bench, bench.BenchSettings)
+    assert to_train_config(compose_cfg()).bench is None
+    with pytest.raises(ConfigCompositionException, match="bench.iters"):
+        compose_cfg("bench.iters=5")
+
+
 @pytest.mark.parametrize("script", ["train.py", "bench.py", "sample.py"])
 def test_commands_collect_garbage_again_once_imported(script):
     # the imports run with the collector off (start-up time); the run itself must not

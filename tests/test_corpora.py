@@ -8,13 +8,15 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg, run_script
+from conftest import ROOT, TINY, compose_cfg, run_script
 from nanogpt.config import DataConfig, to_train_config
 from nanogpt.data import BatchLoader, aligned_starts
 from nanogpt.errors import UserError
@@ -286,3 +288,136 @@ def test_two_preparations_at_once_make_one_folder(tmp_path):
         assert c.exitcode == 0
     reference = prepare(config(tmp_path, sources, name="reference"))
     assert shard_bytes(tmp_path / "data" / "corpus") == shard_bytes(reference)
+
+
+# -- bad rows: named by file and line, stopped at or skipped and counted ----------------------------
+
+def json_lines(docs: list[str]) -> list[str]:
+    return [json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)]
+
+
+def prepare_command(*args: str, cwd: Path):
+    """`python -m nanogpt.prepare`, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "nanogpt.prepare", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_corpus_with_a_bad_line_stops_naming_it_and_continues_once_corrected(tmp_path, caplog):
+    lines = json_lines(documents(3000))
+    corpus = tmp_path / "src" / "web.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(lines[:2000] + ['{"id": 2000, "text": "cut short\n'] + lines[2001:]))
+    args = ["data=text", f"data.source=[{corpus}]", "data.name=web", f"data.root={tmp_path / 'data'}",
+            "data.shard_tokens=4000"]
+    stopped = prepare_command(*args, cwd=tmp_path)
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    (line,) = stopped.stderr.strip().splitlines()
+    assert line.startswith(f"error: {corpus}:2001: not JSON (Unterminated string") and "data.bad_rows=skip" in line
+    assert not (tmp_path / "outputs").exists()  # the command writes no run folder
+    saved = json.loads((tmp_path / "data" / "web" / "progress.json").read_text())
+    assert saved["position"]["line"] > 1000  # what was prepared before the line is kept
+
+    corpus.write_text("".join(lines))  # corrected: the same settings go on from where they were
+    data = to_train_config(compose_cfg(*args)).data
+    with caplog.at_level("INFO", logger="nanogpt"):
+        done = prepare(data)
+    assert f"continuing the preparation of {done} from batch {saved['batches']}" in caplog.text
+    clean = prepare(config(tmp_path, [corpus], name="clean", shard_tokens=4000))
+    assert shard_bytes(done) == shard_bytes(clean)
+
+
+def test_a_correction_above_the_saved_position_restarts_the_preparation(tmp_path, caplog):
+    lines = json_lines(documents(3000))
+    corpus = tmp_path / "web.jsonl"
+    corpus.write_text("".join(lines[:2500] + ["{broken\n"] + lines[2501:]))
+    with pytest.raises(UserError, match=r"web.jsonl:2501: not JSON"):
+        prepare(config(tmp_path, [corpus], shard_tokens=4000))
+    lines[10] = json.dumps({"text": "a line above the saved position, changed too"}) + "\n"
+    corpus.write_text("".join(lines))
+    with caplog.at_level("INFO", logger="nanogpt"):
+        restarted = prepare(config(tmp_path, [corpus], shard_tokens=4000))
+    assert f"restarting the preparation of {restarted}: {corpus} changed in its first" in caplog.text
+    assert "continuing" not in caplog.text
+    clean = prepare(config(tmp_path, [corpus], name="clean", shard_tokens=4000))
+    assert shard_bytes(restarted) == shard_bytes(clean)
+
+
+BAD_ROWS = {  # line index -> (the line, what the message says about it)
+    5: ("{'text': 'single quotes'}\n", "not JSON (Expecting property name enclosed in double quotes: column 2)"),
+    100: ('{"id": 100, "text": null}\n', "'text' is null, not a string"),
+    200: ('{"id": 200, "body": "elsewhere"}\n', "no 'text' key (it has id, body; data.text_column names the key)"),
+    300: ('["a", "list"]\n', "a JSON list, not an object"),
+    400: ('{"text": ["not", "a", "string"]}\n', "'text' is list, not a string"),
+    500: (b'{"text": "caf\xe9"}\n', "not UTF-8 (invalid continuation byte at byte 13)"),
+}
+
+
+def test_bad_rows_stop_naming_the_line_or_are_skipped_and_counted(tmp_path, caplog):
+    docs = documents(1000)
+    lines = [line.encode() for line in json_lines(docs)]
+    for i, (line, _) in BAD_ROWS.items():
+        lines[i] = line if isinstance(line, bytes) else line.encode()
+    corpus, parquet = tmp_path / "web.jsonl.gz", tmp_path / "crawl.parquet"
+    corpus.write_bytes(gzip.compress(b"".join(lines)))
+    pq.write_table(pa.table({"text": docs[:70] + [None] + docs[70:100]}), parquet, row_group_size=32)
+    for i, (_, why) in BAD_ROWS.items():  # stop (the default): each row named, in turn
+        with pytest.raises(UserError) as e:
+            prepare(config(tmp_path, [corpus], name=f"stop{i}"))
+        assert str(e.value).startswith(f"{corpus}:{i + 1}: {why}: correct it"), str(e.value)
+        lines[i] = json_lines(docs)[i].encode()
+        corpus.write_bytes(gzip.compress(b"".join(lines)))
+    with pytest.raises(UserError, match=rf"^{parquet}: row 71: 'text' is null, not a string: correct it"):
+        prepare(config(tmp_path, [parquet], name="stop_parquet"))
+
+    for i, (line, _) in BAD_ROWS.items():  # skip: left out and counted, the rest as if they were never there
+        lines[i] = line if isinstance(line, bytes) else line.encode()
+    corpus.write_bytes(gzip.compress(b"".join(lines)))
+    with caplog.at_level("WARNING", logger="nanogpt"):
+        skipped = prepare(config(tmp_path, [corpus, parquet], name="skip", bad_rows="skip"))
+    meta = json.loads((skipped / "meta.json").read_text())
+    assert meta["bad_rows"] == len(BAD_ROWS) + 1 and meta["made_from"]["bad_rows"] == "skip"
+    assert f"skipped {corpus}:101: 'text' is null, not a string (data.bad_rows=skip)" in caplog.text
+    assert f"skipped {parquet}: row 71: 'text' is null" in caplog.text
+    assert f"{skipped}: {len(BAD_ROWS) + 1} bad rows left out" in caplog.text
+    clean_rows = tmp_path / "clean.jsonl"
+    clean_rows.write_text("".join(line for i, line in enumerate(json_lines(docs) + json_lines(docs[:100]))
+                                  if i not in BAD_ROWS))  # the parquet file's null was an extra row
+    clean = prepare(config(tmp_path, [clean_rows], name="clean"))
+    assert shard_bytes(skipped) == shard_bytes(clean)
+    # the policy is part of the folder's record: these shards are not what stop would make
+    with pytest.raises(UserError, match=r"was prepared from other data \(data.bad_rows was 'skip', now 'stop'\)"):
+        prepare(config(tmp_path, [corpus, parquet], name="skip"))
+
+
+def test_truncated_and_unreadable_files_are_named(tmp_path):
+    raw = gzip.compress("".join(json_lines(documents(2000))).encode())
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match=rf"^{truncated}: unreadable after line [\d,]+ \(EOFError: .*truncated or damaged"):
+        prepare(config(tmp_path, [truncated], name="gz", bad_rows="skip"))  # skip does not skip a lost tail
+    table = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": documents(200)}), table)
+    (tmp_path / "cut.parquet").write_bytes(table.read_bytes()[:-100])
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'cut.parquet'}: not a readable parquet file"):
+        prepare(config(tmp_path, [tmp_path / "cut.parquet"], name="pq"))
+
+
+def test_a_hub_datasets_bad_json_line_is_named_by_file_and_line(tmp_path):
+    """datasets (pyarrow) reads a Hub dataset's JSON files; its error names neither the file nor the line."""
+    repo = tmp_path / "hub"
+    (repo / "data").mkdir(parents=True)
+    lines = json_lines(documents(500))
+    (repo / "data" / "a.jsonl").write_text("".join(lines))
+    (repo / "data" / "b.jsonl").write_text("".join(lines[:300] + ['{"text": "oops}\n'] + lines[301:]))
+    with pytest.raises(UserError) as e:
+        prepare(DataConfig(name="hub", root=str(tmp_path / "data"), hf_dataset=str(repo), tokenizer="gpt2"))
+    assert str(e.value).startswith(f"{repo / 'data' / 'b.jsonl'}:301: not JSON (Unterminated string"), str(e.value)
+
+
+def test_lock_files_of_the_default_data_folder_are_ignored_by_git():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "check-ignore", "data/.shakespeare_char.lock", "data/.fineweb_edu.lock"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == ["data/.shakespeare_char.lock", "data/.fineweb_edu.lock"]

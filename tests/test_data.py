@@ -62,6 +62,40 @@ def test_prepare_errors_are_clear(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no half-written folders
 
 
+DAMAGE = {  # a way to damage a prepared folder -> what the one line says
+    "a shard cut short": (lambda p: (p / "train_000001.bin").write_bytes((p / "train_000001.bin").read_bytes()[:-7]),
+                          "train_000001.bin holds"),
+    "a listed shard missing": (lambda p: (p / "val_000000.bin").unlink(), "val_000000.bin is missing"),
+    "meta.json cut short": (lambda p: (p / "meta.json").write_text((p / "meta.json").read_text()[:50]),
+                            "its meta.json does not parse (JSONDecodeError"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_data_folder_is_named_and_reprepare_mends_it(tmp_path, damage):
+    (tmp_path / "in.txt").write_text(TEXT * 4)
+    data = DataConfig(name="d", root=str(tmp_path / "data"), source=[str(tmp_path / "in.txt")], tokenizer="gpt2",
+                      shard_tokens=1000)
+    path = prepare(data)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    harm, said = DAMAGE[damage]
+    harm(path)
+    with pytest.raises(UserError) as e:
+        prepare(data)
+    assert str(e.value).startswith(f"data folder {path} is damaged: ") and said in str(e.value), str(e.value)
+    assert str(e.value).endswith("set data.reprepare=true to prepare it again")
+    data.reprepare = True
+    assert {f.name: f.read_bytes() for f in prepare(data).iterdir()} == before
+
+
+def test_a_shard_cut_short_is_refused_by_the_loader_too(tmp_path):
+    path = prepared(tmp_path, "char")
+    shard = path / "val_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(UserError, match=r"val_000000.bin holds [\d,]+ bytes, not the [\d,]+ its header says: .*reprepare"):
+        loader(path)
+
+
 def loader(path, **kw) -> BatchLoader:
     args = dict(batch_size=4, block_size=8, device=torch.device("cpu"), seed=7) | kw
     return BatchLoader(path, **args)

@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -96,6 +97,30 @@ def test_anomaly_names_the_module_of_an_injected_nan(data_root, tmp_path, monkey
         trainer.train(preset("anomaly", data_root, "max_iters=3"), RunInfo(run_dir=str(tmp_path)))
     assert "transformer.h.1.mlp.c_proj's (Linear)" in read_status(tmp_path)["error"]
     assert not torch.is_anomaly_enabled()  # switched off again with the run
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+def test_anomaly_names_the_module_whose_backward_makes_a_nan(data_root, tmp_path, monkeypatch):
+    """A NaN that arises in backward only (forward is finite): named by its module, in one line,
+    without anomaly mode's forward traceback."""
+    build_model = trainer.build_model
+
+    def poisoned(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        attn = model.transformer.h[0].attn
+        forward = attn.forward
+        # 0 * sqrt(u) at u = 0: the value is 0, its gradient 0 * inf = NaN
+        attn.forward = lambda x, *a, **k: (lambda y: y + 0 * (y - y.detach()).abs().sqrt())(forward(x, *a, **k))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Diverged) as e:
+        warnings.simplefilter("always")
+        trainer.train(preset("anomaly", data_root, "max_iters=3"), RunInfo(run_dir=str(tmp_path)))
+    assert str(e.value).startswith("debug.anomaly: the first gradient that is not finite comes from "
+                                   "transformer.h.0.attn's (CausalSelfAttention) backward (SqrtBackward0)"), str(e.value)
+    assert not [w for w in caught if "Error detected in" in str(w.message)]  # no forward traceback printed
+    assert not torch.is_anomaly_enabled()
 
 
 @pytest.mark.gpu

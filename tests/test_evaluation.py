@@ -226,39 +226,58 @@ def test_a_missing_task_file_stops_training_before_iteration_0(train_run, tmp_pa
     assert "iter 1" not in proc.stdout
 
 
-@pytest.mark.slow
-def test_evaluations_inside_training_resume_and_match_over_two_ranks(tmp_path, data_root):
-    """A character-vocabulary run with bpb and a multiple-choice task every 2 iterations; resumed;
-    then the eval command on its checkpoint with 1 and 2 ranks."""
-    rows = [{"context": r["ctx"], "choices": r["endings"], "label": r["label"]} for r in HELLASWAG_ROWS]
-    task = write_jsonl(tmp_path / "task.jsonl", rows)
-    run = tmp_path / "run"
-    tasks = ["eval=[bpb,hellaswag]", "eval.interval=2", "eval.tasks.bpb.tokens=300", f"eval.tasks.hellaswag.path={task}",
-             "eval.tasks.hellaswag.format=choices"]
-    common = [*TINY, f"data.root={data_root}", f"hydra.run.dir={run}", "eval_interval=4", "log_interval=2", *tasks]
-    run_script("train.py", *common, "max_iters=4", cwd=tmp_path)
-    run_script("train.py", *common, "max_iters=8", cwd=tmp_path)  # resumes at its checkpoint, iteration 4
-    records = [m for m in read_metrics(run) if m["kind"] == "tasks"]
-    assert [m["iter"] for m in records] == [2, 4, 6, 8]
-    assert all(set(m) >= {"bpb", "hellaswag/acc", "hellaswag/acc_norm"} for m in records)
+GOOD = {"context": "Q", "choices": ["a", "b"], "label": 1}
+BROKEN_TASK_FILES = {  # the lines of a task file, one of them broken; the message expected about it
+    "malformed line": ([GOOD, GOOD, '{"context": "Q", "choices": ["a", "b"], "lab', GOOD], ":3: not JSON ("),
+    "not an object": ([GOOD, '["Q", ["a", "b"], 1]'], ":2: a JSON list, not an object"),
+    "missing key": ([GOOD, {"context": "Q", "choices": ["a", "b"]}], ":2: no 'label' key"),
+    "label outside the choices": ([{**GOOD, "label": 2}], ":1: label 2 is not one of the 2 choices"),
+    "label not an index": ([{**GOOD, "label": True}], ":1: label True is not the index of a choice"),
+    "empty choice": ([GOOD, GOOD, {**GOOD, "choices": ["a", ""]}], ":3: choices[1] is an empty string"),
+    "one choice": ([{**GOOD, "choices": ["a"], "label": 0}], ":1: choices is not a list of at least two strings"),
+    "empty context": ([{**GOOD, "context": ""}], ":1: an empty context and no few-shot examples"),
+    "broken few-shot example": ([{**GOOD, "fewshot": [{**GOOD, "label": 5}]}], ":1: label 5 is not one of"),
+    "empty file": (["", "  "], ": no examples: a task file holds one JSON object a line"),
+    "few-shot example not an object": ([{**GOOD, "fewshot": ["Q a"]}], ":1: a JSON str where an example belongs"),
+}
 
-    # the eval command on the run's checkpoint: the last in-training scores, and the same totals on 2 ranks
-    args = [f"init_from={run}", f"data.root={data_root}", *TINY[:2], *tasks[:1], *tasks[2:]]
-    one = subprocess.run([sys.executable, "-m", "nanogpt.eval", *args, f"hydra.run.dir={tmp_path}/one"],
-                         cwd=tmp_path, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "nanogpt.eval", *args, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
-    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
-    assert b["world_size"] == 2 and a["counts"] == b["counts"]
-    for key, value in a["scores"].items():
-        assert b["scores"][key] == pytest.approx(value, abs=1e-6)
-        assert records[-1][key] == pytest.approx(value, abs=1e-6)
-    assert "hellaswag/acc_norm" in one.stdout  # the printed table
 
-    other = subprocess.run([sys.executable, "-m", "nanogpt.eval", *args, "data=shakespeare", f"hydra.run.dir={tmp_path}/x"],
-                           cwd=tmp_path, capture_output=True, text=True)
-    assert other.returncode == 2 and "is not the model's" in other.stderr  # GPT-2 tokens for a character model
+@pytest.mark.parametrize("case", list(BROKEN_TASK_FILES))
+def test_a_broken_task_file_is_one_line_naming_the_file_and_line(tmp_path, case):
+    lines, expected = BROKEN_TASK_FILES[case]
+    file = tmp_path / "task.jsonl"
+    file.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    task = ChoiceTask(ChoiceTaskConfig(path=str(file)), "mine", "/nonexistent")
+    with pytest.raises(UserError) as e:
+        render_all(task, TiktokenTokenizer("gpt2"), 64)
+    assert str(e.value).startswith(f"{file}{expected}") and "\n" not in str(e.value), str(e.value)
 
+
+def test_a_task_none_of_whose_examples_a_vocabulary_spells_is_refused(tmp_path, hellaswag_file):
+    task = ChoiceTask(ChoiceTaskConfig(path=str(hellaswag_file), format="hellaswag"), "hs", "/nonexistent")
+    with pytest.raises(UserError, match=rf"eval task hs: none of the 5 examples of {hellaswag_file} can be encoded"):
+        render_all(task, CharTokenizer("abc "), 64)
+
+
+def test_a_broken_task_file_stops_training_before_iteration_0(train_run, tmp_path, hellaswag_file):
+    """The whole path, as a user meets it: HellaSwag's file with one row cut short, one line."""
+    rows = hellaswag_file.read_text().splitlines()
+    hellaswag_file.write_text("\n".join([*rows[:3], rows[3][:40], *rows[4:]]) + "\n")
+    proc = train_run("eval=[hellaswag]", "eval.interval=5", f"eval.tasks.hellaswag.path={hellaswag_file}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {hellaswag_file}:4: not JSON (Unterminated string"), line
+    assert "iter 1" not in proc.stdout
+
+
+def test_the_eval_and_prepare_commands_have_help_pages_of_their_own():
+    """--help prints the composed hydra.help.template: each command's, not train.py's."""
+    from hydra import compose, initialize_config_dir
+
+    for config_name, first_line in [("evaluate", "python -m nanogpt.eval init_from="),
+                                    ("prepare", "python -m nanogpt.prepare data=")]:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name=config_name, return_hydra_config=True)
+        assert cfg.hydra.help.template.startswith(first_line), cfg.hydra.help.template[:200]
+        assert "$CONFIG" in cfg.hydra.help.template  # the keys, as composed
+    assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "."  # prepare writes no run folder

@@ -152,15 +152,29 @@ def assert_refused(proc, message):
 
 @pytest.mark.slow
 def test_bad_input_to_each_command_is_one_line_and_leaves_nothing(tmp_path, data_root):
+    from nanogpt.prepare import prepare
+
     (tmp_path / "shard.txt").write_bytes(b"PAR1\x00\x01PAR1")
     (tmp_path / "other.txt").write_text("not Tiny Shakespeare\n" * 100)
+    (tmp_path / "prompts.txt").write_text("ROMEO:\n\nJULIET:\n")
+    (tmp_path / "sharded_run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "sharded_run" / "ckpt" / "latest").write_text("00000100\n")  # a step folder that is not there
     train = [*TINY, f"data.root={data_root}"]
+    damaged = text_data(tmp_path, "damaged", tmp_path / "other.txt")  # a prepared folder, one shard cut short
+    shard = prepare(damaged) / "train_000000.bin"
+    cut = shard.read_bytes()[:-1]
+    shard.write_bytes(cut)
     cases = [
         ("train.py", [*train, "optim.beta2=1.0"], "optim.beta2=1.0 must be in [0, 1)"),
         ("train.py", [*train, "data.name=pq", f"data.source=[{tmp_path / 'shard.txt'}]"], "is a parquet file, not text"),
         ("train.py", [*train, f"data.source=[{tmp_path / 'other.txt'}]"], "was prepared from other data"),
+        ("train.py", [*TINY, f"data.root={damaged.root}", "data.name=damaged", f"data.source=[{tmp_path / 'other.txt'}]"],
+         "train_000000.bin holds"),
+        ("train.py", ["-m", "--cfg", "job", *train], "error: Only one of --run, --multirun, --cfg"),  # Hydra's own
         ("sample.py", ["temperature=-1"], "temperature=-1.0 must be >= 0"),
         ("sample.py", ["start=FILE:/no/such/prompt.txt"], "start: /no/such/prompt.txt does not exist"),
+        ("sample.py", [f"init_from={tmp_path / 'sharded_run'}"], "ckpt/latest is damaged: it names no complete checkpoint"),
+        ("sample.py", [f"prompts_file={tmp_path / 'prompts.txt'}"], "prompts.txt:2: an empty prompt"),
         ("bench.py", [*train, "bench.iters=0"], "bench.iters=0 must be positive"),
     ]
     command("train.py", *train, "max_iters=0", f"hydra.run.dir={tmp_path / 'prepared'}", cwd=tmp_path)  # the data, prepared
@@ -169,6 +183,7 @@ def test_bad_input_to_each_command_is_one_line_and_leaves_nothing(tmp_path, data
         assert_refused(command(script, *args, f"hydra.run.dir={run_dir}", cwd=tmp_path), message)
         assert read_status(run_dir).get("status") in (None, "failed") and not read_metrics(run_dir)  # never running
     assert not [p for p in Path(data_root).iterdir() if p.is_dir() and (p.name.startswith(".") or p.name == "pq")]
+    assert shard.read_bytes() == cut  # the damaged folder is left as it was
 
 
 @pytest.mark.slow

@@ -155,8 +155,9 @@ def test_gpt2_by_name_samples_from_the_hugging_face_cache(hf_model, tmp_path):
 def test_export_opens_in_transformers_with_equal_logits(train_run, tmp_path, overrides):
     transformers = pytest.importorskip("transformers")
     train_run(*overrides, "max_iters=2", "eval_interval=2", "eval_iters=1")
-    written = export(tmp_path / "run", tmp_path / "hf")
+    written, note = export(tmp_path / "run", tmp_path / "hf")
     assert sorted(written) == ["config.json", "model.safetensors"]  # a character vocabulary: no GPT-2 tokenizer files
+    assert note == "no tokenizer files: the run's vocabulary is characters"
 
     ours = model_from_state(load_checkpoint(weights_file(tmp_path / "run")))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
@@ -240,3 +241,14 @@ def test_nanogpt_checkpoint_samples_and_trains(train_run, tmp_path):
     assert state["iter_num"] == 2  # its weights only: a fresh optimizer and iteration count
     args = state["model_args"]
     assert (args["vocab_size"], args["block_size"]) == (50304, 32)  # the block cropped to model=tiny's
+
+    written, note = export(out_dir, tmp_path / "hf")  # the GPT-2 BPE, as sample.py reads it
+    assert {"vocab.json", "merges.txt"} <= set(written) and note is None
+
+
+def test_export_of_a_checkpoint_without_a_vocabulary_says_what_it_cannot_know(tmp_path):
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=65, dropout=0.0)
+    torch.save({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args}, tmp_path / "ckpt.pt")  # nanoGPT's char run
+    written, note = export(tmp_path / "ckpt.pt", tmp_path / "hf")
+    assert "does not record its vocabulary, and 65 tokens are not GPT-2's" in note  # what export prints
+    assert sorted(written) == sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]

@@ -245,6 +245,18 @@ def test_a_truncated_checkpoint_is_refused(tmp_path, data_root):
     assert_clean_failure(proc, "cannot load checkpoint")
 
 
+def test_a_damaged_checkpoint_pointer_is_refused(tmp_path):
+    """A sharded run's ckpt/latest names its newest complete step folder; one that names none is
+    damage, never "no checkpoint" (the run would start over in its own folder)."""
+    from nanogpt.checkpoint import resume_state
+
+    (tmp_path / "ckpt" / "00000005").mkdir(parents=True)  # a step folder without its train_state.pt
+    for content in (b"\xff\xfe\x00 not text", b"00000005\n", b"../../elsewhere\n", b""):
+        (tmp_path / "ckpt" / "latest").write_bytes(content)
+        with pytest.raises(UserError, match=r"ckpt/latest is damaged: it names no complete checkpoint folder in "):
+            resume_state(tmp_path, "scratch")
+
+
 # -- safe loading --------------------------------------------------------------------------------
 
 class Payload:

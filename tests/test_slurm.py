@@ -127,7 +127,7 @@ def test_ddp_jobs_one_run_folder_each_and_a_failing_rank_ends_its_job_at_once(tm
     assert rows["0"]["status"] == "finished", rows["0"]
     assert rows["0"]["iters"] == "20"
     assert "world size 2" in (sweep_dir / "0" / "train.log").read_text()
-    assert sorted(p.name for p in sweep_dir.iterdir()) == [".submitit", "0", "1", "multirun.yaml", "summary.csv"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [".submitit", "0", "1", "cells.csv", "multirun.yaml", "summary.csv"]
     task_logs = (sweep_dir / ".submitit" / submitit_job_id(sweep_dir, 0)).glob("*_log.out")
     assert len(list(task_logs)) == 2  # two tasks, one run folder
 

@@ -1,18 +1,23 @@
-"""Sweeps on this machine: the basic launcher, submitit_local, a failing job, an Optuna search.
-The summary table must come from the jobs' own files (status.json, metrics.jsonl, overrides)."""
+"""Sweeps on this machine: the basic launcher, submitit_local, a failing job, an Optuna search,
+and the cells of a seeded sweep (2 learning rates x 3 seeds, shared with test_plot). The summary
+and the cells must come from the jobs' own files (status.json, metrics.jsonl, overrides)."""
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as sp
 
-from conftest import ROOT, TINY, run_script
-from nanogpt.rundir import read_metrics
+from conftest import ROOT, SEEDED_BASELINE, SEEDED_TARGET, TINY, run_script
+from nanogpt.rundir import read_metrics, write_status
+from nanogpt.sweep import main
 
 pytestmark = pytest.mark.slow
 ONE_THREAD = "system.num_threads=1"  # a tiny model gains nothing from more, and jobs may run side by side
@@ -39,18 +44,19 @@ def assert_read_from_job(row: dict, sweep_dir: Path) -> None:
     assert float(row["final_val_loss"]) == val[-1]
 
 
-def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(tmp_path, data_root):
-    bpb = ["eval=[bpb]", "eval.interval=10", "eval.tasks.bpb.tokens=256"]
-    proc = sweep(tmp_path, data_root, "optim.learning_rate=1e-3,2e-3", *bpb)
+def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(seeded_sweep, tmp_path):
+    shared, proc = seeded_sweep
     sweep_dir = tmp_path / "sweep"
+    shutil.copytree(shared, sweep_dir)
     rows = summary(sweep_dir)
-    assert sorted(float(swept(r, "optim.learning_rate")) for r in rows) == [1e-3, 2e-3]
-    assert [r["status"] for r in rows] == ["finished", "finished"]
-    assert [r["iters"] for r in rows] == ["20", "20"]
+    assert sorted(float(swept(r, "optim.learning_rate")) for r in rows) == [1e-3] * 3 + [2e-3] * 3
+    assert [r["status"] for r in rows] == ["finished"] * 6
+    assert [r["iters"] for r in rows] == ["20"] * 6
     for row in rows:
         assert_read_from_job(row, sweep_dir)
-    assert float(rows[0]["best_val_loss"]) <= float(rows[1]["best_val_loss"])  # best first
-    assert "optim.learning_rate=0.002" in proc.stdout  # the printed table shows what was swept
+    best = [float(r["best_val_loss"]) for r in rows]
+    assert best == sorted(best)  # best first
+    assert "optim.learning_rate=0.002 system.seed=3" in proc.stdout  # the printed table shows what was swept
     for row in rows:  # a column per task metric: its last value
         assert float(row["bpb"]) == [m for m in read_metrics(sweep_dir / row["job"]) if m["kind"] == "tasks"][-1]["bpb"]
     assert " bpb " in proc.stdout
@@ -60,9 +66,99 @@ def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(tmp_path, data
     assert "bpb" in by_bpb.stdout
 
     (sweep_dir / "summary.csv").unlink()
-    out = subprocess.run([sys.executable, "-m", "nanogpt.sweep", str(sweep_dir)], capture_output=True, text=True, check=True)
+    main([str(sweep_dir)])
     assert summary(sweep_dir) == rows  # best val loss first again
-    assert "finished" in out.stdout
+
+
+def cells(sweep_dir: Path) -> dict[str, dict]:
+    """cells.csv's rows by their learning rate."""
+    with open(sweep_dir / "cells.csv") as f:
+        return {swept(r, "optim.learning_rate"): r for r in csv.DictReader(f)}
+
+
+def final(job: Path) -> float:
+    return [m for m in read_metrics(job) if m["kind"] == "eval"][-1]["val_loss"]
+
+
+def finals(sweep_dir: Path) -> dict[str, list[float]]:
+    """Each learning rate's final val losses, read from its jobs' metrics.jsonl."""
+    by_lr = {}
+    for row in summary(sweep_dir):
+        by_lr.setdefault(swept(row, "optim.learning_rate"), []).append(final(sweep_dir / row["job"]))
+    return by_lr
+
+
+def iters_to(target: float, evals: list[dict]) -> float | None:
+    """By hand: the first evaluation at or below target, interpolated from the one before."""
+    for before, e in zip([None, *evals], evals):
+        if e["val_loss"] <= target:
+            if before is None:
+                return e["iter"]
+            return before["iter"] + (before["val_loss"] - target) / (before["val_loss"] - e["val_loss"]) * (e["iter"] - before["iter"])
+    return None
+
+
+def test_a_seeded_sweep_writes_cells_with_intervals_and_a_p_value(seeded_sweep):
+    sweep_dir, proc = seeded_sweep
+    rows, losses = cells(sweep_dir), finals(sweep_dir)
+    assert sorted(rows) == ["0.001", "0.002"]
+    base, other = losses["0.001"], losses["0.002"]
+    for lr, row in rows.items():
+        x = losses[lr]
+        assert (row["n"], row["failed"]) == ("3", "0")
+        low, high = sp.t.interval(0.95, 2, loc=np.mean(x), scale=sp.sem(x))
+        assert float(row["final_val_loss/mean"]) == pytest.approx(np.mean(x), abs=1e-9)
+        assert (float(row["final_val_loss/ci_low"]), float(row["final_val_loss/ci_high"])) == pytest.approx((low, high), abs=1e-9)
+        p = sp.ttest_1samp(x, SEEDED_TARGET, alternative="less").pvalue
+        assert float(row["final_val_loss/p_target"]) == pytest.approx(p, abs=1e-9)
+        jobs = [r["job"] for r in summary(sweep_dir) if swept(r, "optim.learning_rate") == lr]
+        to_target = [iters_to(SEEDED_TARGET, [m for m in read_metrics(sweep_dir / j) if m["kind"] == "eval"]) for j in jobs]
+        assert int(row["reached"]) == sum(t is not None for t in to_target)
+        mean = row["iters_to_target/mean"]
+        assert float(mean) == pytest.approx(np.mean(to_target), abs=1e-9) if None not in to_target else mean == ""
+    assert rows["0.001"]["baseline"] == "True"
+    welch = sp.ttest_ind(other, base, equal_var=False)
+    assert float(rows["0.002"]["final_val_loss/p_value"]) == pytest.approx(welch.pvalue, abs=1e-9)
+    assert float(rows["0.002"]["final_val_loss/diff"]) == pytest.approx(np.mean(other) - np.mean(base), abs=1e-9)
+    assert "2 cells" in proc.stdout and "noise floor of final val" in proc.stdout
+    assert "optim.learning_rate=0.001  3  " in proc.stdout and " ± " in proc.stdout
+
+
+def fail(job: Path) -> None:
+    write_status(job, "failed", error="RuntimeError: damaged by the test")
+
+
+def test_a_failed_job_is_left_out_and_counted_and_a_cell_of_one_prints_without_interval(seeded_sweep, tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(seeded_sweep[0], sweep_dir)
+    jobs = [r["job"] for r in summary(sweep_dir) if swept(r, "optim.learning_rate") == "0.002"]
+    fail(sweep_dir / jobs[0])
+    main([str(sweep_dir), "--baseline", "optim.learning_rate=1e-3"])
+    row = cells(sweep_dir)["0.002"]
+    assert (row["n"], row["failed"]) == ("2", "1")
+    welch = sp.ttest_ind([final(sweep_dir / j) for j in jobs[1:]], finals(sweep_dir)["0.001"], equal_var=False)
+    assert float(row["final_val_loss/p_value"]) == pytest.approx(welch.pvalue, abs=1e-9)
+    assert "2 (+1 failed)" in capsys.readouterr().out
+
+    fail(sweep_dir / jobs[1])
+    main([str(sweep_dir), "--baseline", "optim.learning_rate=1e-3"])
+    row = cells(sweep_dir)["0.002"]
+    assert (row["n"], row["failed"]) == ("1", "2")
+    assert row["final_val_loss/ci_low"] == row["final_val_loss/p_value"] == row["final_val_loss/std"] == ""
+    assert float(row["final_val_loss/mean"]) == final(sweep_dir / jobs[2])
+    assert float(row["final_val_loss/diff"]) == pytest.approx(float(row["final_val_loss/mean"]) - np.mean(finals(sweep_dir)["0.001"]))
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optim.learning_rate=0.002 ")]
+    assert "1 (+2 failed)" in line and "±" not in line and "nan" not in line
+
+
+def test_a_cell_split_across_two_sweep_folders_gives_the_same_row(seeded_sweep, tmp_path):
+    whole = seeded_sweep[0]
+    first, second = tmp_path / "first", tmp_path / "second"  # e.g. seeds 1 and 2 yesterday, seed 3 today
+    for row in summary(whole):
+        shutil.copytree(whole / row["job"], (second if swept(row, "system.seed") == "3" else first) / row["job"])
+    main([str(first), str(second), "--baseline", SEEDED_BASELINE, "--target", str(SEEDED_TARGET)])
+    assert (first / "cells.csv").read_text() == (whole / "cells.csv").read_text()
+    assert not (second / "cells.csv").exists()  # the first folder's, over both
 
 
 def test_a_failing_job_does_not_stop_the_sweep_and_is_marked_failed(tmp_path, data_root):

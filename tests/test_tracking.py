@@ -104,6 +104,24 @@ def test_offline_wandb_run_has_config_summary_and_resumes_the_same_run(train_run
     assert files_containing(run_dir, FAKE_KEY) == []  # the API key never lands in the run folder
 
 
+def test_a_checkpoint_from_before_the_tracker_set_continues_its_wandb_run(tmp_path):
+    """Checkpoints written before several trackers were possible keep wandb's run id as `wandb_id`."""
+    import torch
+
+    from nanogpt.checkpoint import Checkpointer, TrainState
+    from nanogpt.distributed import DistInfo
+    from nanogpt.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    checkpointer = Checkpointer(tmp_path, model, [torch.optim.AdamW(model.parameters())],
+                                torch.amp.GradScaler("cpu", enabled=False), DistInfo())
+    checkpointer.save(TrainState(iter_num=5, tracker_ids={"wandb": "abc123"}))
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    old = {k: v for k, v in saved.items() if k != "tracker_ids"} | {"wandb_id": "abc123"}
+    assert checkpointer.restore(saved).tracker_ids == checkpointer.restore(old).tracker_ids == {"wandb": "abc123"}
+    assert checkpointer.restore(old | {"wandb_id": None}).tracker_ids == {}  # a run that had no wandb
+
+
 @pytest.mark.slow
 def test_wandb_that_cannot_start_online_warns_once_and_training_goes_on(train_run, tmp_path, monkeypatch):
     # no key anywhere (a fresh HOME and config dir) and an unreachable server: wandb.init fails
