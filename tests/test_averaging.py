@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 ARGS = ["gradient_accumulation_steps=2", "max_iters=20", "schedule.lr_decay_iters=20", "log_interval=1",
         "ema_decay=0.9", "ema_start=5", "spike.policy=warn", "spike.window=8"]
 EVERY_ITERATION = ["eval_interval=1", "keep_checkpoints=16"]  # the weights of iterations 5..20 kept
+BPB = ["eval=[bpb]", "eval.tasks.bpb.tokens=256"]  # eval.ema=true: scored on both weights, at 10 and 20
 SPIKE_AT = 12
 
 
@@ -51,7 +52,7 @@ def train(data_root, run_dir, *overrides, env=None, nproc: int = 0) -> subproces
 def run(tmp_path_factory, data_root) -> Path:
     """The run every test here reads: EMA, a checkpoint every iteration, 16 kept, a warned spike."""
     folder = tmp_path_factory.mktemp("averaging")
-    train(data_root, folder / "run", *EVERY_ITERATION, env=spike(folder, SPIKE_AT))
+    train(data_root, folder / "run", *EVERY_ITERATION, *BPB, "eval.interval=10", "eval.ema=true", env=spike(folder, SPIKE_AT))
     return folder / "run"
 
 
@@ -142,6 +143,15 @@ def test_sample_export_and_init_from_read_the_ema(run, tmp_path, tiny_config):
     rows = generate(ema_model.eval(), [tokenizer.encode("\n")], 2, 30, Sampling(temperature=0.8, top_k=200, seed=1337))
     assert texts == [tokenizer.decode(r.tokens) for r in rows]
 
+    # the eval command scores the EMA as training's eval.ema=true did
+    from nanogpt.eval import evaluate
+
+    tasks = {r["iter"]: r for r in read_metrics(run) if r["kind"] == "tasks"}
+    assert list(tasks) == [10, 20] and tasks[20]["bpb_ema"] != tasks[20]["bpb"]
+    for weights_, key in (("ema", "bpb_ema"), ("raw", "bpb")):
+        result = evaluate(tiny_config(f"init_from={run / 'ckpt.pt'}", f"weights={weights_}", *BPB), None)
+        assert result["scores"]["bpb"] == pytest.approx(tasks[20][key], abs=1e-6), weights_
+
     export(run, tmp_path / "hf", weights="ema")
     from safetensors.torch import load_file
 
@@ -177,7 +187,8 @@ def test_a_kill_mid_save_keeps_complete_checkpoints_and_the_resume_is_bit_identi
         for key in ("model", "ema"):
             assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (n, key)
         assert a["spike_windows"] == b["spike_windows"] and a["spikes"] == b["spikes"]
-    history = lambda d: [(r["iter"], r["kind"], r.get("loss"), r.get("val_loss_ema")) for r in read_metrics(d)]
+    history = lambda d: [(r["iter"], r["kind"], r.get("loss"), r.get("val_loss_ema")) for r in read_metrics(d)
+                         if r["kind"] != "tasks"]  # the shared run scores bpb too
     assert history(killed) == history(run)
 
 
