@@ -3,7 +3,7 @@ one optimizer, one stream of batches, rounds alternating with the feature on and
 phase of the machine hits both; medians over the rounds. Prints a markdown table (docs/reliability.md).
 
     python scripts/bench_health.py                         # the CPU recipe and the GPT-2 124M shape
-    python scripts/bench_health.py --shape cpu_recipe --rounds 20 --steps 10
+    python scripts/bench_health.py --shape cpu_recipe --rounds 100 --steps 1 system.num_threads=1  # loaded: single steps alternate best
     python scripts/bench_health.py --shape gpt2_small --rounds 6 --steps 2 system=cpu_fast
 
 Shapes: cpu_recipe is the default run (4 layers, 4 heads, 128 wide, block 64, batch 12, its real
