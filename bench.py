@@ -138,7 +138,7 @@ def bench(config: TrainConfig) -> dict:
     step_s, data_s = [], []
     for i in range(b.warmup + b.iters):
         t, waited = time.perf_counter(), batches.seconds
-        train_step(training, batches, after_step=sync)
+        train_step(training, batches, i, after_step=sync)
         if i == 0:
             first_iter_s = time.perf_counter() - t
         if i >= b.warmup:

@@ -301,8 +301,20 @@ class LmEvalConfig:
 class EvalConfig:
     tasks: dict[str, Any] = field(default_factory=dict)  # by name, chosen in the eval group: eval=[bpb,hellaswag]
     interval: int = valid(0, NON_NEGATIVE)  # in training: every this many iterations and at the end; 0: never
+    ema: bool = False  # in training: the EMA weights scored too (ema_decay > 0), as <task>/<metric>_ema
     batch_size: int = valid(16, POSITIVE)  # sequences a forward pass
     cache_dir: str = "~/.cache/nanogpt/eval"  # downloaded task files
+
+
+@dataclass
+class SpikeConfig:
+    """The training-loss spike monitor (nanogpt/spikes.py): a loss above mean + sigma x std of
+    the last `window` losses of its rank is a spike."""
+
+    policy: str = valid("off", OneOf("off", "warn", "skip", "rollback"))  # skip/rollback read the loss every step (a sync)
+    window: int = valid(128, Range(2))  # iterations; nothing is judged until it is full (OLMo-core's 128)
+    sigma: float = valid(6.0, POSITIVE)  # OLMo-core's 6
+    max_rollbacks: int = valid(3, NON_NEGATIVE)  # rollback: one more spike after these stops the run
 
 
 @dataclass
@@ -331,6 +343,15 @@ class TrainConfig:
     log_interval: int = valid(10, POSITIVE)
     always_save_checkpoint: bool = True  # False: also keep best.pt, the weights of the best val loss
     nan_policy: str = valid("stop", OneOf("stop", "skip"))  # what a non-finite loss or gradient norm does
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # what a finite loss spike does: off | warn | skip | rollback
+    keep_checkpoints: int = valid(1, POSITIVE)  # the last K checkpoints, e.g. to average them (nanogpt.checkpoint average)
+    ema_decay: float = valid(0.0, PROBABILITY)  # 0: off; e.g. 0.999: an EMA of the weights over ~1000 iterations
+    ema_start: int = valid(0, NON_NEGATIVE)  # the iteration the EMA starts at, from the weights then
+    weights: str = valid("raw", OneOf("raw", "ema"))  # init_from's weights: as trained, or their EMA (a run's ema_decay)
+
+    RULES: ClassVar[list[Rule]] = [
+        ("eval.ema=true scores the EMA weights: set ema_decay > 0", lambda c: not c.eval.ema or c.ema_decay > 0),
+    ]
 
     RULES: ClassVar[list[Rule]] = [
         ("tokens_per_param and flops_budget both set the run's length: set one",
@@ -344,6 +365,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run (not a debug run)
+    weights: str = valid("raw", OneOf("raw", "ema"))  # the run's weights as trained, or their EMA (ema_decay)
     start: str = valid("\n", Exists(prefix="FILE:", file=True))  # the prompt, or FILE:path to read it from a file
     prompts_file: str | None = valid(None, Exists(file=True))  # instead of start: one prompt a line, each with num_samples samples
     num_samples: int = valid(3, POSITIVE)  # per prompt, decoded as one batch

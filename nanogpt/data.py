@@ -4,7 +4,8 @@ in epochs.
 Every training window is a pure function of (seed, iteration, global micro-step), and every eval
 window of (seed, split, eval batch): a resumed run draws the same batches with no generator state
 to save, prefetching cannot shift them, and rank r of W simply takes global micro-steps
-r, r+W, r+2W, ... of the one sequence a single process would take.
+r, r+W, r+2W, ... of the one sequence a single process would take. A loss spike's rollback skips
+windows by shifting that map (window_of), and the checkpoint keeps the shift.
 
 data.order=random draws each window anywhere (with replacement, as nanoGPT). data.order=epoch
 numbers the windows of all iterations, micro-steps and ranks in one sequence and deals them from
@@ -74,9 +75,10 @@ class Loader:
     def _to_device(self, batch: Batch) -> Batch:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def train_batches(self, start_iter: int) -> Iterator[Batch]:
-        """This rank's micro-batches from iteration start_iter on, in order."""
-        steps = ((it, m) for it in range(start_iter, 2**62) for m in range(self.micro_steps))
+    def train_batches(self, start_iter: int, skipped: list[list[int]] = ()) -> Iterator[Batch]:
+        """This rank's micro-batches from iteration start_iter on, in order; skipped: the windows
+        that rollbacks skipped (window_of)."""
+        steps = ((window_of(it, skipped), m) for it in range(start_iter, 2**62) for m in range(self.micro_steps))
         if not self.prefetch:
             for step in steps:
                 yield self._to_device(self._train_batch(*step))
@@ -271,6 +273,12 @@ class TokenData:
         c = self.config
         return BatchLoader(self.path, c.batch_size, block_size, device, seed, rank, world_size, micro_steps, c.prefetch,
                            c.order, c.align, c.packing, c.pack_buffer, documents)
+
+
+def window_of(iteration: int, skipped: list[list[int]]) -> int:
+    """The windows an iteration trains on: its own, or, after a loss spike's rollback, later ones.
+    skipped holds (first iteration, count) pairs: from that iteration on, count windows later."""
+    return iteration + sum(count for first, count in skipped if iteration >= first)
 
 
 def split_streams(path: Path, meta: dict) -> dict[str, TokenStream]:

@@ -3,6 +3,7 @@
     python -m nanogpt.eval init_from=gpt2 eval=[hellaswag]
     python -m nanogpt.eval init_from=outputs/2026-12-02/10-00-00 eval=[bpb,hellaswag] eval.tasks.hellaswag.limit=500
     python -m nanogpt.eval init_from=gpt2 eval=[bpb] data=openwebtext system=cpu_fast
+    python -m nanogpt.eval init_from=outputs/2026-12-02/10-00-00 weights=ema eval=[bpb]   # its EMA weights
     torchrun --standalone --nproc_per_node=2 -m nanogpt.eval init_from=gpt2 eval=[hellaswag]
 
 The config is the training config's (conf/evaluate.yaml includes conf/config.yaml): `data` is
@@ -43,14 +44,15 @@ def evaluate(config: TrainConfig, out_dir: Path | None) -> dict:
         source = config.init_from if config.init_from != "scratch" else find_newest_run(Path("outputs"))
         if source is None:
             raise UserError("no runs with a checkpoint under outputs/: pass init_from=<run | checkpoint | gpt2*>")
-        model, trained_on = load_model(str(source), config.model)
+        model, trained_on = load_model(str(source), config.model, config.weights)
         meta = trained_on or {"tokenizer": "gpt2"}  # GPT-2 and Hugging Face weights: GPT-2's BPE
         model.to(device)
         evaluator = Evaluator(config.eval, tokenizer_from_meta(meta), model.config.vocab_size, model.config.block_size,
                               data_streams(config, meta, dist), dist)
         t0 = time.perf_counter()
         scores = evaluator(model, device, autocast(device, dtype))
-        result = {"init_from": str(source), "scores": scores, "counts": evaluator.counts, "seconds": time.perf_counter() - t0,
+        result = {"init_from": str(source), "weights": config.weights, "scores": scores, "counts": evaluator.counts,
+                  "seconds": time.perf_counter() - t0,
                   "world_size": dist.world_size, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     finally:
         distributed.teardown()

@@ -117,11 +117,20 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+CARRIED = ("spikes", "last_spike")  # what status.json keeps whatever the status becomes: the run's loss spikes
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
+    carried = {k: v for k, v in read_status(run_dir).items() if k in CARRIED}
     write_json_atomic(
         Path(run_dir) / STATUS,
-        {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **extra},
+        {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **carried, **extra},
     )
+
+
+def update_status(run_dir: Path, **fields) -> None:
+    """Add fields to status.json as it is (a running run's loss spikes)."""
+    write_json_atomic(Path(run_dir) / STATUS, {**read_status(run_dir), **fields, "time": time.time()})
 
 
 def read_status(run_dir: Path) -> dict:
@@ -138,9 +147,19 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, resume_iter: int | None = None):
         self.path = Path(run_dir) / METRICS
-        if resume_iter is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) <= resume_iter]
+        if resume_iter is not None:
+            self._cut(resume_iter)
+        self.file = open(self.path, "a")
+
+    def _cut(self, last_iter: int) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) <= last_iter]
             self.path.write_text("".join(line + "\n" for line in kept))
+
+    def rewind(self, last_iter: int) -> None:
+        """Drop the lines past last_iter, as a resume from there does (a loss spike's rollback)."""
+        self.file.close()
+        self._cut(last_iter)
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
