@@ -97,6 +97,7 @@ class CosineScheduleConfig:
     _target_: str = "nanogpt.optim.cosine_schedule"
     decay_lr: bool = True  # False: constant learning rate after warmup
     warmup_iters: int = valid(100, NON_NEGATIVE)
+    warmup_fraction: float | None = valid(None, PROBABILITY)  # instead of warmup_iters: this share of lr_decay_iters
     lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # decay over the whole run (~ max_iters per Chinchilla)
     min_lr: float = valid(1e-4, NON_NEGATIVE)  # ~ learning_rate / 10 per Chinchilla
 
@@ -105,6 +106,7 @@ class CosineScheduleConfig:
 class WSDScheduleConfig:
     _target_: str = "nanogpt.optim.wsd_schedule"
     warmup_iters: int = valid(100, NON_NEGATIVE)
+    warmup_fraction: float | None = valid(None, PROBABILITY)  # instead of warmup_iters: this share of lr_decay_iters
     lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # the schedule ends here, like cosine's
     decay_fraction: float = valid(0.5, Range(0, 1))  # the last half of lr_decay_iters decays linearly to min_lr
     min_lr: float = valid(0.0, NON_NEGATIVE)
@@ -215,6 +217,9 @@ class TrainConfig:
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
     max_iters: int = valid(2000, NON_NEGATIVE)
+    # a run's length as a compute budget (docs/scaling.md): either one sets max_iters from the model's size
+    tokens_per_param: float | None = valid(None, POSITIVE)  # train on this many tokens per parameter N (Chinchilla: ~20)
+    flops_budget: float | None = valid(None, POSITIVE)  # train for this many FLOPs (6N + attention per token)
     gradient_accumulation_steps: int = valid(1, POSITIVE)  # global micro-steps per iteration, divided among ranks
     grad_clip: float = valid(1.0, NON_NEGATIVE)  # 0 disables clipping
     eval_interval: int = valid(250, POSITIVE)
@@ -225,6 +230,14 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # False: also keep best.pt, the weights of the best val loss
     nan_policy: str = valid("stop", OneOf("stop", "skip"))  # what a non-finite loss or gradient norm does
     extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: targets a run folder names may import them
+
+    RULES: ClassVar[list[Rule]] = [
+        ("tokens_per_param and flops_budget both set the run's length: set one",
+         lambda c: c.tokens_per_param is None or c.flops_budget is None),
+        ("schedule.lr_decay_iters ({c.schedule.lr_decay_iters}) differs from max_iters: a budgeted run's schedule ends "
+         "with the run, set by tokens_per_param or flops_budget; drop schedule.lr_decay_iters",
+         lambda c: (c.tokens_per_param is None and c.flops_budget is None) or c.schedule.lr_decay_iters == c.max_iters),
+    ]
 
 
 @dataclass

@@ -24,9 +24,9 @@ class GPTConfig:
     block_size: int = valid(1024, POSITIVE)  # longest context the model attends over
     vocab_size: int | None = valid(None, POSITIVE)  # None: taken from the data's vocabulary
     vocab_pad_multiple: int = valid(1, POSITIVE)  # pad the vocabulary to a multiple of this (64: GPT-2's 50304, faster matmuls)
-    n_layer: int = valid(12, POSITIVE)
-    n_head: int = valid(12, POSITIVE)
-    n_embd: int = valid(768, POSITIVE)
+    n_layer: int | None = valid(12, POSITIVE)  # None: set by depth
+    n_head: int | None = valid(12, POSITIVE)
+    n_embd: int | None = valid(768, POSITIVE)
     dropout: float = valid(0.0, PROBABILITY)
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a little better and faster
     activation: str = valid("gelu", OneOf("gelu", "gelu_tanh", "relu2"))  # gelu: exact (nanoGPT); gelu_tanh: Hugging Face GPT-2's
@@ -37,18 +37,43 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
     logit_softcap: float = valid(0.0, NON_NEGATIVE)  # >0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # output projections (and an untied head) start at zero: blocks begin as the identity
+    # the depth dial (model=depth, nanochat's --depth): one number sizes the model, the other keys still apply
+    depth: int | None = valid(None, POSITIVE)  # n_layer = depth, n_embd = depth x aspect_ratio rounded up to head_dim's multiple
+    aspect_ratio: int | None = valid(None, POSITIVE)  # with depth: width per layer (model=depth: 64)
+    head_dim: int | None = valid(None, POSITIVE)  # with depth: channels per head, n_head = n_embd / head_dim (model=depth: 64)
     _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
-        ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})", lambda c: c.n_embd % c.n_head == 0),
+        ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})",
+         lambda c: None in (c.n_embd, c.n_head) or c.n_embd % c.n_head == 0),
+        ("{prefix}aspect_ratio and head_dim size a model by its depth: set {prefix}depth too (model=depth)",
+         lambda c: c.depth is not None or (c.aspect_ratio is None and c.head_dim is None)),
     ]
 
     def __post_init__(self):
         try:
             check(self, "model.")
+            if self.depth is not None:
+                self._size_by_depth()
+            unset = [k for k in ("n_layer", "n_head", "n_embd") if getattr(self, k) is None]
+            if unset:
+                raise UserError(f"model.{unset[0]} is not set: set it, or size the model with model.depth")
+            check(self, "model.")
         except UserError as e:
             raise ValueError(str(e)) from None  # a constructor's bad argument
+
+    def _size_by_depth(self) -> None:
+        """n_layer, n_embd and n_head from depth (written here, once); each must be unset or agree."""
+        if self.aspect_ratio is None or self.head_dim is None:
+            raise UserError("model.depth needs model.aspect_ratio and model.head_dim (model=depth sets both to 64)")
+        width = math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
+        for key, value in {"n_layer": self.depth, "n_embd": width, "n_head": width // self.head_dim}.items():
+            given = getattr(self, key)
+            if given is not None and given != value:
+                raise UserError(f"model.depth={self.depth} sets model.{key}={value}, so model.{key}={given} conflicts: "
+                                "set the depth or the shape, not both (model=depth leaves the shape to depth)")
+            setattr(self, key, value)
 
 
 def padded_vocab_size(config: GPTConfig, data_vocab_size: int) -> int:
@@ -230,14 +255,6 @@ class GPT(nn.Module):
         decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon."""
         return default_param_groups(self)
 
-    def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count, a tied head counted once. non_embedding drops the position embedding,
-        as nanoGPT does; the token embedding stays since it is the (tied) head."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
         """idx (B, T) -> (logits, loss). With a cache, idx follows the tokens cached so far: their
         keys and values are attended over, and idx's are appended (sampling)."""
@@ -286,16 +303,6 @@ class GPT(nn.Module):
             if block.attn.rotary is not None:
                 block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
                 block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * self.get_num_params() + 12 * L * H * Q * T
-
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
-        return self.flops_per_token() * tokens_per_second / peak_flops
 
 
 class KVCache:

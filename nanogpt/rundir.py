@@ -172,8 +172,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def task_scores(record: dict) -> dict[str, float]:
-    """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm)."""
-    return {k: v for k, v in record.items() if k not in ("iter", "kind", "tokens", "train_time_s")}
+    """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm), not
+    its counters."""
+    return {k: v for k, v in record.items() if k not in ("iter", "kind", "tokens", "flops", "train_time_s")}
 
 
 def provenance() -> dict:

@@ -28,10 +28,10 @@ from nanogpt.device import autocast, configure_backends, memory_mb, resolve_devi
 from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import Diverged, Interrupted, UserError
 from nanogpt.evaluation import Evaluator
-from nanogpt.flops import peak_flops
+from nanogpt.flops import budget_iters, flops_per_token, params, params_non_embedding, peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
-from nanogpt.protocol import as_optimizers, as_schedule, check_model, flops_per_token
+from nanogpt.protocol import as_optimizers, as_schedule, check_model
 from nanogpt.rundir import MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, write_status, writer_lock
 from nanogpt.targets import trusted_names
 from nanogpt.tokenizer import definition, tokenizer_from_meta
@@ -42,12 +42,37 @@ log = logging.getLogger("nanogpt")
 
 def launch(config: TrainConfig, run: RunInfo) -> float:
     """Train in this process, or start system.nproc_per_node ranks and wait for them (holding the
-    run folder's lock for them)."""
+    run folder's lock for them). A compute budget becomes max_iters first, before the run folder
+    is touched."""
+    config = budgeted(config, run.overrides)
     nproc = config.system.nproc_per_node
     if distributed.is_rank_process() or nproc == 1:
         return train(config, run)
     with writer_lock(run.run_dir):
         return distributed.spawn(_rank_entry, (config, run), nproc, config.system)
+
+
+def budgeted(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """The config with max_iters, and so the schedule's end, set by tokens_per_param or
+    flops_budget from the model's size: the model is built on the meta device (no memory, no
+    weights) with the data's vocabulary, the data prepared here on first use. No budget: as it is."""
+    key = "tokens_per_param" if config.tokens_per_param is not None else "flops_budget"
+    if getattr(config, key) is None:
+        return config
+    explicit = [o for o in overrides if o.lstrip("+~").startswith("max_iters=")]
+    if explicit:
+        raise UserError(f"{key}={getattr(config, key):g} sets max_iters: drop {explicit[0]}")
+    if config.init_from not in ("scratch", "resume"):
+        raise UserError(f"{key} sizes a run trained from scratch, not from init_from={config.init_from}: set max_iters")
+    data = build(config.data)
+    data.prepare()
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(config, init_from="scratch"), data.meta, None)
+    max_iters = budget_iters(params_non_embedding=params_non_embedding(model), flops_per_token=flops_per_token(model),
+                             tokens_per_iter=tokens_per_iter(config, model.config.block_size),
+                             tokens_per_param=config.tokens_per_param, flops_budget=config.flops_budget)
+    schedule = dataclasses.replace(config.schedule, lr_decay_iters=max_iters)  # its end follows max_iters (a rule)
+    return dataclasses.replace(config, max_iters=max_iters, schedule=schedule)
 
 
 def _rank_entry(config: TrainConfig, run: RunInfo) -> float:
@@ -98,6 +123,8 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         state = checkpointer.restore(saved) if saved is not None else TrainState()
         recorder = start_recording(config, config_dict, run, run_dir, state if saved is not None else None, dist)
         state.tracker_ids = recorder.run_ids()
+        if saved is None:  # a resumed run's metrics.jsonl keeps its start record (its iteration 0)
+            recorder.log(start_record(config, raw_model))
         log_setup(config, training, state, run_dir, dist)
 
         # 5) the loop, inside the debug presets' instruments (profiler, anomaly checks)
@@ -122,8 +149,7 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
     training step (the profiler's step)."""
     resume_hint = f"resume with: python train.py resume={run_dir}"
     start_iter = state.iter_num
-    tokens = tokens_per_iter(config, t.raw_model.config.block_size)
-    progress = Progress(config, t, tokens, dist, start_iter)
+    progress = Progress(config, t, tokens_per_iter(config, t.raw_model.config.block_size), dist, start_iter)
     bad_iter = torch.tensor(-1, device=t.device)  # first iteration with a non-finite loss or grad norm
     batches = train_batches(loader, start_iter, overfit=config.debug.overfit)
     exit_code = 0
@@ -143,11 +169,11 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
                     losses = estimate_loss(t.model, loader, config.eval_iters, t.autocast)
                     log.info(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     recorder.log({"iter": it, "kind": "eval", "train_loss": losses["train"], "val_loss": losses["val"],
-                                  "tokens": it * tokens, "train_time_s": state.train_time_s})
+                                  **progress.spent(it), "train_time_s": state.train_time_s})
                 if evaluator is not None and due(it, config.eval.interval, start_iter, config):
                     scores = evaluator(t.raw_model, t.device, t.autocast)  # the raw model: any shape, no recompiles
                     log.info(f"step {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                    recorder.log({"iter": it, "kind": "tasks", **scores, "tokens": it * tokens,
+                    recorder.log({"iter": it, "kind": "tasks", **scores, **progress.spent(it),
                                   "train_time_s": state.train_time_s})
                     progress.restart(it)
                 if evaluate:
@@ -356,16 +382,28 @@ def start_recording(config: TrainConfig, config_dict: dict, run: RunInfo, run_di
                                             resume_iter=resume_iter))
 
 
+def start_record(config: TrainConfig, model: torch.nn.Module) -> dict:
+    """What the run trains and for how long: the metrics.jsonl record of kind "start", at iteration 0."""
+    budget = {k: getattr(config, k) for k in ("tokens_per_param", "flops_budget") if getattr(config, k) is not None}
+    return {"iter": 0, "kind": "start", "params": params(model), "params_non_embedding": params_non_embedding(model),
+            "flops_per_token": flops_per_token(model), "tokens_per_iter": tokens_per_iter(config, model.config.block_size),
+            "max_iters": config.max_iters, **budget, "tokens": 0, "flops": 0, "train_time_s": 0.0}  # the counters' start
+
+
 def log_setup(config: TrainConfig, t: Training, state: TrainState, run_dir: Path, dist: distributed.DistInfo) -> None:
-    m = t.raw_model.config
+    m, fpt = t.raw_model.config, flops_per_token(t.raw_model)
+    tokens = tokens_per_iter(config, m.block_size)
+    budget = [f"{k}={getattr(config, k):g}" for k in ("tokens_per_param", "flops_budget") if getattr(config, k) is not None]
     log.info(
         f"run folder {run_dir}\n"
         f"device {t.device}, dtype {str(t.dtype).replace('torch.', '')}, world size {dist.world_size}, "
         f"compile {use_compile(config.system, t.device)}, threads {torch.get_num_threads()}\n"
-        f"model {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M parameters, "
-        f"vocabulary {m.vocab_size}, block {m.block_size}\n"
-        f"tokens per iteration {tokens_per_iter(config, m.block_size):,} "
+        f"model {params(t.raw_model):,} parameters ({params_non_embedding(t.raw_model):,} without embeddings), "
+        f"{fpt:.3g} FLOPs a token trained, vocabulary {m.vocab_size}, block {m.block_size}\n"
+        f"tokens per iteration {tokens:,} "
         f"({config.gradient_accumulation_steps} micro-steps x {config.data.batch_size} x {m.block_size})"
+        + (f"\n{budget[0]}: max_iters {config.max_iters:,} ({config.max_iters * tokens:,} tokens, "
+           f"{config.max_iters * tokens * fpt:.3g} FLOPs)" if budget else "")
         + (f"\nresuming at iteration {state.iter_num} (best val loss {state.best_val_loss:.4f})" if state.iter_num else "")
     )
 
@@ -376,12 +414,18 @@ class Progress:
 
     def __init__(self, config: TrainConfig, t: Training, tokens_per_iter: int, dist: distributed.DistInfo, start_iter: int):
         self.config, self.t, self.tokens_per_iter, self.dist = config, t, tokens_per_iter, dist
+        self.flops_per_token = flops_per_token(t.raw_model)  # the numerator of MFU, and of the flops records
         self.first = True
         self.startup_s = seconds_since_process_start()  # imports, composition, data, model: up to the loop
         self.restart(start_iter)
 
     def restart(self, it: int) -> None:
         self.t_log, self.it_log = time.perf_counter(), it
+
+    def spent(self, it: int) -> dict:
+        """What the first `it` iterations trained on: tokens and FLOPs, cumulative over ranks."""
+        tokens = it * self.tokens_per_iter
+        return {"tokens": tokens, "flops": tokens * self.flops_per_token}
 
     def record(self, done: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, state: TrainState) -> dict:
         if self.dist.enabled:  # the global mean, comparable with a single process's (gloo has no AVG)
@@ -391,7 +435,7 @@ class Progress:
         tok_s = self.tokens_per_iter / dt
         # the peak is measured at the first log line, after the first step: not at start-up
         peak, peak_source = peak_flops(self.t.device, self.t.dtype)
-        mfu = flops_per_token(self.t.raw_model) * tok_s / self.dist.world_size / peak
+        mfu = self.flops_per_token * tok_s / self.dist.world_size / peak  # achieved FLOP/s per device over its peak
         if self.first:
             startup = "" if self.startup_s is None else f"start-up {self.startup_s:.1f} s to the first iteration; "
             log.info(f"{startup}MFU against a peak of {peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
@@ -405,7 +449,7 @@ class Progress:
         )
         self.restart(done)  # the peak's measurement is not training time
         return {"iter": done, "kind": "train", "loss": loss_f, "lr": lr, "grad_norm": grad_norm.item(),
-                "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu, "tokens": done * self.tokens_per_iter,
+                "ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": mfu, **self.spent(done),
                 "train_time_s": state.train_time_s, **mem}
 
 

@@ -109,5 +109,5 @@ def test_schemas_are_not_offered_as_options():
         proc = run_script(script, "--help", cwd=ROOT)
         assert "_schema" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
         assert proc.stdout.startswith(f"python {script} ["), proc.stdout[:200]  # our page, not Hydra's
-    assert "model: baby, gpt2_large, gpt2_medium, gpt2_small, gpt2_xl, mini, modern, tiny" in run_script(
+    assert "model: baby, depth, gpt2_large, gpt2_medium, gpt2_small, gpt2_xl, mini, modern, tiny" in run_script(
         "train.py", "--help", cwd=ROOT).stdout

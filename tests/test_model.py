@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nanogpt.flops import params
 from nanogpt.model import GPT, GPTConfig
 
 
@@ -32,7 +33,7 @@ def test_gpt2_small_parameter_count():
     with torch.device("meta"):  # no memory, no init cost
         model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True))
     # as Hugging Face counts GPT-2: tied head once, position embeddings included
-    assert model.get_num_params(non_embedding=False) == 124_439_808
+    assert params(model) == 124_439_808
 
 
 def test_residual_projections_use_scaled_init():
