@@ -73,7 +73,7 @@ def main(cfg) -> None:
     ctx = autocast(device, resolve_dtype(system, device))
     texts = read_prompts(c)  # before the model: a wrong file costs no load
 
-    model, meta = load_model(c.init_from or newest_run(c.runs_root), weights=c.weights)
+    model, meta = load_model(c.init_from or newest_run(c.runs_root), weights=c.weights, trusted=c.extensions)
     tokenizer = tokenizer_from_meta(meta or {"tokenizer": "gpt2"})  # GPT-2 and nanoGPT's checkpoints: GPT-2 BPE
     model.eval().to(device)
     if c.compile:

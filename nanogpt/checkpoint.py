@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,9 @@ from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import GPT2_NAMES, load_pretrained
 from nanogpt.rundir import DEBUG
+from nanogpt.targets import NotTrusted, covered, option_type, resolve
 
+GPT_TARGET = GPTConfig._target_  # nanoGPT's checkpoints and ours before model targets: the GPT
 LAST, BEST = "ckpt.pt", "best.pt"
 KEPT, KEPT_GLOB = "ckpt-{:08d}.pt", "ckpt-[0-9]*.pt"  # keep_checkpoints > 1: hard links of ckpt.pt by iteration
 SHARDED = "ckpt"  # the folder of a sharded run's step folders and pointers
@@ -377,9 +380,10 @@ def weights_file(path: Path) -> Path | None:
     return latest_checkpoint(path, BEST) or latest_checkpoint(path, LAST)
 
 
-def checkpoint_model(path: Path, weights: str = "raw") -> tuple[GPT, dict | None]:
+def checkpoint_model(path: Path, weights: str = "raw", trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
     """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta;
-    weights="ema": with the EMA of its weights."""
+    weights="ema": with the EMA of its weights. A model class of someone's package only when its
+    module is trusted (model_from_state)."""
     file = weights_file(path)
     if file is None:
         raise UserError(f"no checkpoint in {path}")
@@ -388,21 +392,24 @@ def checkpoint_model(path: Path, weights: str = "raw") -> tuple[GPT, dict | None
         raise UserError(f"{file} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
     if weights == "ema" and not has_ema(state):
         raise UserError(f"{file} holds no EMA weights (its run had ema_decay=0): use weights=raw")
-    return model_from_state(state, weights=weights), state.get("meta")
+    return model_from_state(state, weights=weights, trusted=trusted, where=str(file)), state.get("meta")
 
 
-def load_model(source: str, model: GPTConfig | None = None, weights: str = "raw") -> tuple[GPT, dict | None]:
+def load_model(source: str, model: GPTConfig | None = None, weights: str = "raw",
+               trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
     """The weights `init_from` names, on the CPU, and the vocabulary they were trained on (a data
     folder's meta; None for GPT-2 and Hugging Face weights, which use GPT-2's BPE):
     - a run folder or a checkpoint file, ours or nanoGPT's (weights="ema": the EMA of its weights);
     - gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder.
     Hugging Face weights take `model`'s dropout and a shorter block_size (a checkpoint is loaded as
-    it was saved)."""
+    it was saved, its model class imported only when `trusted` covers it: targets.trusted_names)."""
     path = Path(source).expanduser()
     if source not in GPT2_NAMES and (path.suffix == ".pt" or (path.is_dir() and weights_file(path) is not None)):
-        return checkpoint_model(path, weights)
+        return checkpoint_model(path, weights, trusted)
     if weights == "ema":
         raise UserError(f"weights=ema takes a run's EMA weights: {source} is not a run or checkpoint of this project")
+    if model is not None and model._target_ != GPT_TARGET:
+        raise UserError(f"init_from={source} loads GPT-2 weights into nanogpt's GPT, not model._target_={model._target_}")
     return load_pretrained(source, model or GPTConfig()), None
 
 
@@ -411,11 +418,21 @@ def has_ema(state: dict) -> bool:
     return "ema" in state if "sharded_from" not in state else has_shards(state["sharded_from"], "ema")
 
 
-def model_from_state(state: dict, read_shards: bool = True, weights: str = "raw") -> GPT:
+def model_from_state(state: dict, read_shards: bool = True, weights: str = "raw", trusted: Sequence[str] = (),
+                     where: str = "the checkpoint") -> nn.Module:
     """The whole model of a checkpoint, with its weights or (weights="ema") their EMA; a sharded
     one's shards are read into it in this process (read_shards=False: the trainer reads them into
-    its own, maybe sharded, model, with every rank)."""
-    model = GPT(GPTConfig(**state["model_args"]))
+    its own, maybe sharded, model, with every rank). The class is the one its model_args record
+    (nanoGPT's and older ones: GPT); another than nanogpt's GPT is imported only when `trusted`
+    covers it (a run folder is data, not code)."""
+    target = state["model_args"].get("_target_", GPT_TARGET)
+    if target != GPT_TARGET and not covered(target, trusted):
+        raise NotTrusted(target, where)
+    cls = resolve(target, "model")
+    schema = option_type(cls)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and schema is not None):
+        raise UserError(f"{where} names {target} as its model, which is not a model class with a config dataclass")
+    model = cls(schema(**state["model_args"]))
     if "sharded_from" in state:
         if not read_shards:
             return model
@@ -478,7 +495,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def consolidate(source: Path, out: Path) -> Path:
+def consolidate(source: Path, out: Path, trusted: Sequence[str] = ()) -> Path:
     """A sharded checkpoint (a run folder or a step folder) as one file in ckpt.pt's format: the
     whole model, its EMA if kept, and the train state, loadable with weights_only=True. Optimizer
     state stays in the shards (a resume reads them there)."""
@@ -486,15 +503,17 @@ def consolidate(source: Path, out: Path) -> Path:
     if step is None or not step.is_dir():
         raise UserError(f"{source} holds no sharded checkpoint (no {SHARDED}/latest)")
     state = read_checkpoint(step)
-    whole = {"model": model_from_state(state).state_dict()}
+    whole = {"model": model_from_state(state, trusted=trusted, where=str(step)).state_dict()}
     if has_ema(state):
-        whole["ema"] = {k: p.detach() for k, p in named_parameters(model_from_state(state, weights="ema")).items()}
+        ema = model_from_state(state, weights="ema", trusted=trusted, where=str(step))
+        whole["ema"] = {k: p.detach() for k, p in named_parameters(ema).items()}
     del state["sharded_from"]
     save_checkpoint(state | whole, out)
     return out
 
 
-def average(source: Path, out: Path, last: int | None = None, iters: list[int] | None = None) -> Path:
+def average(source: Path, out: Path, last: int | None = None, iters: list[int] | None = None,
+            trusted: Sequence[str] = ()) -> Path:
     """The mean of a run's kept checkpoints' weights (keep_checkpoints), the last `last` or those
     of the given iterations, as one file in ckpt.pt's format that every command reads as weights
     (init_from, sample.py, nanogpt.eval, export): the newest one's train state and config, no
@@ -512,7 +531,8 @@ def average(source: Path, out: Path, last: int | None = None, iters: list[int] |
                             f"fewer than --last {last}: train with keep_checkpoints={last} or more")
         chosen = list(kept)[-last:]
     newest = read_checkpoint(kept[chosen[-1]])
-    weights = mean_state_dict(model_from_state(read_checkpoint(kept[i])).state_dict() for i in chosen)
+    weights = mean_state_dict(model_from_state(read_checkpoint(kept[i]), trusted=trusted, where=str(kept[i])).state_dict()
+                              for i in chosen)
     training_only = ("model", "optimizers", "scaler", "ema", "sharded_from", "rng", "spike_windows")
     record = {k: v for k, v in newest.items() if k not in training_only}
     save_checkpoint(record | {"model": weights, "averaged_iters": chosen}, out)
@@ -532,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     mean.add_argument("source", type=Path, help="a run folder")
     for p in (one, mean):
         p.add_argument("out", type=Path, help="the .pt file to write")
+        p.add_argument("--extensions", nargs="+", default=[], metavar="PACKAGE",
+                       help="your packages, whose model class the checkpoint may name")
     which = mean.add_mutually_exclusive_group(required=True)
     which.add_argument("--last", type=int, metavar="K", help="the last K checkpoints")
     which.add_argument("--iters", type=lambda s: [int(i) for i in s.split(",")], metavar="A,B,C",
@@ -539,12 +561,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "consolidate":
-            out = consolidate(args.source, args.out)
+            out = consolidate(args.source, args.out, args.extensions)
         else:
             if args.last is not None and args.last < 1:
                 raise UserError(f"--last {args.last}: average at least one checkpoint")
-            out = average(args.source, args.out, args.last, args.iters)
+            out = average(args.source, args.out, args.last, args.iters, args.extensions)
         print(f"wrote {out}")
+    except NotTrusted as e:
+        print(f"error: {e}".replace(f"extensions=[{e.package}]", f"--extensions {e.package}"), file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -67,14 +67,17 @@ class OneOf:
 
 @dataclass(frozen=True)
 class Matches:
+    """A string matching pattern; for a list, every entry."""
+
     pattern: str
     description: str
+    refused: str = "nope"  # a value the pattern refuses (for tests)
 
     def allows(self, v) -> bool:
-        return isinstance(v, str) and re.fullmatch(self.pattern, v) is not None
+        return all(isinstance(s, str) and re.fullmatch(self.pattern, s) for s in (v if isinstance(v, (list, tuple)) else [v]))
 
     def outside(self):
-        return "nope"
+        return self.refused
 
     def __str__(self) -> str:
         return self.description

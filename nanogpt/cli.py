@@ -20,6 +20,7 @@ from nanogpt import distributed
 from nanogpt.config import BUILDERS
 from nanogpt.errors import Interrupted, UserError
 from nanogpt.rundir import RunInfo, writer_lock
+from nanogpt.targets import covered, override_targets
 
 
 class ReportedError(BaseException):
@@ -60,10 +61,12 @@ def run_info_from_hydra() -> RunInfo:
     )
 
 
-def expand_resume(argv: list[str]) -> tuple[list[str], Path | None]:
+def expand_resume(argv: list[str], conf_dir: Path | None = None, config_name: str = "config") -> tuple[list[str], Path | None]:
     """`resume=<run folder>` -> that run's own overrides, then the new ones, in that folder; and
-    the folder. A run folder may come from someone else: its overrides are data, so any that would
-    change Hydra's own settings or name a `_target_` other than nanogpt's builders is refused."""
+    the folder. A run folder may come from someone else: its overrides are data. One that would
+    change Hydra's own settings is refused; one naming a `_target_` other than nanogpt's builders
+    is refused unless the current command lists its package in `extensions` (nanogpt.targets);
+    a saved `extensions` does not count. A run made with --config-dir/--config-name needs the same."""
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
         return argv, None
@@ -71,14 +74,113 @@ def expand_resume(argv: list[str]) -> tuple[list[str], Path | None]:
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.exists():
         raise UserError(f"{run_dir} is not a run folder (no .hydra/overrides.yaml)")
-    old = [str(o) for o in OmegaConf.load(saved)]
-    for override in old:
-        key, _, value = override.partition("=")
-        key = key.lstrip("+~")
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or (key.endswith("_target_") and value not in BUILDERS):
-            raise UserError(f"{saved} holds {override!r}, which would run code of its own choosing: refused")
     new = [a for a in argv[1:] if not a.startswith("resume=")]
-    return [argv[0], *old, *new, f"hydra.run.dir={run_dir}"], run_dir
+    same_config_folders(run_dir, new, config_name)
+    old = [str(o) for o in OmegaConf.load(saved) if _key(str(o)) != "extensions"]  # counts from this command only
+    flags, ours = split_flags(new)
+    foreign = foreign_code(saved, old)
+    if foreign:
+        plain = [o for o in old if o not in foreign]
+        extensions = command_extensions([argv[0], *flags, *plain, *ours], conf_dir, config_name)
+        for override, targets in foreign.items():
+            if not all(covered(t, extensions) for t in targets):
+                raise UserError(f"{saved} holds {override!r}, which would run code of its own choosing: refused; if "
+                                f"that code is yours, add extensions=[{targets[0].split('.')[0]}] to the command")
+    return [argv[0], *flags, *old, *ours, f"hydra.run.dir={run_dir}"], run_dir
+
+
+def foreign_code(saved: Path, overrides: list[str]) -> dict[str, list[str]]:
+    """The saved overrides that name targets other than nanogpt's builders, with those targets;
+    one that changes Hydra's settings, or holds `_target_` text that cannot be read, is refused."""
+    foreign = {}
+    for override in overrides:
+        key = _key(override)
+        try:
+            targets = override_targets(override)
+        except ValueError:
+            targets = None
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or targets is None:
+            raise UserError(f"{saved} holds {override!r}, which would run code of its own choosing: refused")
+        if any(t not in BUILDERS for t in targets):
+            foreign[override] = [t for t in targets if t not in BUILDERS]
+    return foreign
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (--config-dir x, -m, ...) and the overrides of a command line, in order:
+    Hydra reads the flags first, then one run of overrides."""
+    overrides = iter(hydra_args(args).overrides)
+    flags, ours, following = [], [], next(overrides, None)
+    for arg in args:
+        if arg == following:
+            ours.append(arg)
+            following = next(overrides, None)
+        else:
+            flags.append(arg)
+    return flags, ours
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def same_config_folders(run_dir: Path, args: list[str], config_name: str) -> None:
+    """A run composed from a config folder of its command (--config-dir) or another primary config
+    (--config-name) resumes only with the same: its options live there."""
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return
+    hydra = OmegaConf.load(hydra_yaml).hydra
+    parsed = hydra_args(args)
+    had = [s.path for s in hydra.runtime.config_sources if s.provider == "command-line"]
+    given = [os.path.abspath(parsed.config_dir)] if parsed.config_dir else []
+    for folder in had:
+        if folder not in given:
+            raise UserError(f"{run_dir} was made with --config-dir {folder}: resume with the same "
+                            f"(python {Path(sys.argv[0]).name} --config-dir {folder} resume={run_dir})")
+    name = OmegaConf.select(hydra, "job.config_name", default=None)
+    if name and name != (parsed.config_name or config_name):
+        raise UserError(f"{run_dir} was made with --config-name {name}: resume with the same")
+
+
+def hydra_args(args: list[str]):
+    """Hydra's own reading of a command line's arguments (--config-dir, --config-name, overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(args)
+
+
+def command_extensions(argv: list[str], conf_dir: Path | None, config_name: str) -> list[str]:
+    """`extensions` as the command composes it (its command line and config files)."""
+    if conf_dir is not None:
+        try:
+            return list(compose_command(argv, conf_dir, config_name).get("extensions") or [])
+        except Exception:  # noqa: BLE001 - what does not compose names nothing: Hydra's main says why
+            pass
+    typed = [a.partition("=")[2] for a in argv[1:] if _key(a) == "extensions"]
+    return [m.strip(" []'\"") for m in typed[-1].split(",")] if typed else []
+
+
+def compose_command(argv: list[str], conf_dir: Path, config_name: str) -> DictConfig:
+    """The config a command line composes, as @hydra.main composes it, --config-dir and
+    --config-name included, through Hydra's compose API (no run folder, no logs)."""
+    from hydra import compose, version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = hydra_args(argv[1:])
+    version.setbase("1.3")
+    search_path = create_config_search_path(str(Path(conf_dir).absolute()))
+    if args.config_dir:  # where @hydra.main puts it: after conf/, before the schemas
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
+                            anchor=SearchPathQuery(provider="schema"))
+    Hydra.create_main_hydra2(task_name=Path(argv[0]).stem, config_search_path=search_path)
+    try:
+        return compose(config_name=args.config_name or config_name, overrides=args.overrides)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: Callable | None = None,
@@ -86,13 +188,9 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
     """Call a @hydra.main function as a command. Under torchrun, ranks other than 0 compose the
     same config with Hydra's compose API and call follower: no run folder or logs of their own."""
     try:
-        sys.argv, resumed = expand_resume(sys.argv)
+        sys.argv, resumed = expand_resume(sys.argv, conf_dir, config_name)
         if follower is not None and distributed.torchrun_env() and int(os.environ["RANK"]) > 0:
-            from hydra import compose, initialize_config_dir
-
-            with initialize_config_dir(config_dir=str(Path(conf_dir).absolute()), version_base="1.3"):
-                cfg = compose(config_name=config_name, overrides=sys.argv[1:])
-            follower(cfg)
+            follower(compose_command(sys.argv, conf_dir, config_name))
         else:
             # a resumed folder is claimed before Hydra writes its config and log into it
             with writer_lock(resumed) if resumed else nullcontext():

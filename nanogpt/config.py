@@ -5,22 +5,26 @@ wrong type fails at composition, before any work. A schema's defaults are the va
 a group with one option per schema (optim, schedule, logger) has a YAML equal to its schema, and a
 preset of a shared schema (model, data, system) sets only what differs. The entry point converts
 the composed DictConfig once (`to_train_config`); from there on the package sees plain
-dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names.
+dataclasses, and `build` hands each group's dataclass to the builder its `_target_` names. A
+user's own option (their config folder) is typed by their builder's dataclass (nanogpt.targets).
 """
 
+import copy
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_method
 from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from nanogpt.checks import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Exists, Matches, NotEmpty, OneOf, Range, Rule, check, valid
 from nanogpt.errors import UserError
 from nanogpt.flops import cpu_has_fast_bf16
 from nanogpt.model import GPTConfig
+from nanogpt.protocol import MODEL_CONFIG_KEYS, check_builder
+from nanogpt.targets import Option, option_type, resolve, targets_in, with_options
 
 ASSETS = Path(__file__).parent / "assets"
 CONF = Path(__file__).parent.parent / "conf"  # the presets a mixture may name
@@ -28,6 +32,7 @@ CONF = Path(__file__).parent.parent / "conf"  # the presets a mixture may name
 
 DEVICE = Matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
 DTYPE = OneOf("auto", "float32", "bfloat16", "float16")
+MODULES = Matches(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", "Python packages or modules (mypkg, mypkg.models)", ["not a module"])
 
 
 @dataclass
@@ -319,7 +324,7 @@ class SpikeConfig:
 
 @dataclass
 class TrainConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: Any = MISSING  # GPTConfig, or a user model's config dataclass
     data: BatchesConfig = MISSING  # DataConfig (one folder) or MixConfig (a mixture)
     optim: Any = MISSING  # AdamWConfig or MuonConfig
     schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
@@ -348,12 +353,10 @@ class TrainConfig:
     ema_decay: float = valid(0.0, PROBABILITY)  # 0: off; e.g. 0.999: an EMA of the weights over ~1000 iterations
     ema_start: int = valid(0, NON_NEGATIVE)  # the iteration the EMA starts at, from the weights then
     weights: str = valid("raw", OneOf("raw", "ema"))  # init_from's weights: as trained, or their EMA (a run's ema_decay)
+    extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: targets a run folder names may import them
 
     RULES: ClassVar[list[Rule]] = [
         ("eval.ema=true scores the EMA weights: set ema_decay > 0", lambda c: not c.eval.ema or c.ema_decay > 0),
-    ]
-
-    RULES: ClassVar[list[Rule]] = [
         ("tokens_per_param and flops_budget both set the run's length: set one",
          lambda c: c.tokens_per_param is None or c.flops_budget is None),
         ("schedule.lr_decay_iters ({c.schedule.lr_decay_iters}) differs from max_iters: a budgeted run's schedule ends "
@@ -381,6 +384,7 @@ class SampleConfig:
     dtype: str = valid("auto", DTYPE)
     compile: bool = False
     runs_root: str = "outputs"  # where the newest run is looked for
+    extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: a checkpoint of your model may import them
 
 
 # Schemas are stored outside any group (a YAML option names one as /<name>@_here_), so that
@@ -405,8 +409,8 @@ SCHEMAS = {
 }
 
 
-# what a `_target_` may name: nanogpt's own builders, the schemas' defaults. A run folder or an
-# override naming any other callable is refused (Hydra 1.3 has no allow-list of its own)
+# nanogpt's own builders, the schemas' defaults: the targets a run folder's saved overrides may
+# name without `extensions` (nanogpt.cli.expand_resume; Hydra 1.3 has no allow-list of its own)
 BUILDERS = {f.default for node in SCHEMAS.values() for f in fields(node) if f.name == "_target_"}
 
 
@@ -433,18 +437,81 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 
 def to_config(cfg: DictConfig):
-    """The composed config as its schema's dataclasses, checked before any work."""
+    """The composed config as its schema's dataclasses, checked before any work: each key's
+    range and rule, and each `_target_` imported and able to take its builder's arguments."""
+    cfg = typed_options(cfg)
     try:
         config = OmegaConf.to_object(cfg)
     except ValueError as e:  # GPTConfig checks itself on construction
         raise UserError(str(e)) from None
+    config = with_options(config)
     check(config)
+    for key, target in targets_in(config):
+        check_builder(resolve(target, key), key, target)
+    check_protocol_keys(config)
+    return config
+
+
+def typed_options(cfg: DictConfig) -> DictConfig:
+    """The config with each untyped option (a YAML without a schema) whose builder names a config
+    dataclass converted to it: an unknown key or a wrong type is one line here."""
+    if not any(OmegaConf.get_type(parent[k]) is dict for parent, k, _ in _options(cfg)):
+        return cfg  # nanogpt's own options only: typed by their YAML's schema already
+    cfg = copy.deepcopy(cfg)
+    for parent, k, prefix in _options(cfg):
+        node, key = parent[k], f"{prefix}{k}"
+        schema = option_type(resolve(node._target_, key)) if OmegaConf.get_type(node) is dict else None
+        if schema is None:
+            continue
+        if "_target_" not in {f.name for f in fields(schema)}:
+            raise UserError(f"{key}: {schema.__module__}.{schema.__qualname__} needs a `_target_: str` field "
+                            f"(default {node._target_!r}), as every option's schema has")
+        try:
+            parent[k] = OmegaConf.merge(OmegaConf.structured(schema), node)
+        except (ConfigKeyError, ValidationError) as e:
+            raise UserError(f"{key}: {str(e).splitlines()[0]} ({schema.__module__}.{schema.__qualname__})") from None
+    return cfg
+
+
+def _options(cfg: DictConfig, prefix: str = ""):
+    """(parent node, key, key prefix) of every option with a `_target_` below cfg."""
+    for k in cfg:
+        if k == "hydra" or OmegaConf.is_missing(cfg, k) or not OmegaConf.is_dict(cfg._get_node(k)) or cfg[k] is None:
+            continue
+        if "_target_" in cfg[k]:
+            yield cfg, k, prefix
+        else:
+            yield from _options(cfg[k], f"{prefix}{k}.")
+
+
+def check_protocol_keys(config) -> None:
+    """What the trainer reads of a model's and an optimizer's option, there before any work."""
+    model, optim = getattr(config, "model", None), getattr(config, "optim", None)
+    if model is not None and not is_dataclass(model):
+        raise UserError(f"model._target_={model['_target_']}: a model's first argument is annotated with its config "
+                        "dataclass (the model protocol, docs/extend.md)")
+    if model is not None and (absent := [k for k in MODEL_CONFIG_KEYS if not hasattr(model, k)]):
+        raise UserError(f"model: {type(model).__qualname__} has no {', '.join(absent)}: a model's config has "
+                        f"{', '.join(MODEL_CONFIG_KEYS)} (docs/extend.md)")
+    if optim is not None and not hasattr(optim, "learning_rate"):
+        raise UserError(f"optim ({optim._target_}) has no learning_rate: an optimizer option has one, which the "
+                        "schedule multiplies")
+
+
+def to_dict(config) -> dict:
+    """A config as plain dicts and lists (what a checkpoint and a tracker keep), untyped options too."""
+    if isinstance(config, Option):
+        return to_dict(dict(config))
+    if is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in fields(config)}
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return type(config)(to_dict(v) for v in config)
     return config
 
 
 def build(node, **runtime):
-    """Call the builder a group's `_target_` names with the group's dataclass and the runtime
+    """Call the builder a group's `_target_` names with the group's option and the runtime
     dependencies (model, device, ...) as keywords: one level, never a tree of objects."""
-    if node._target_ not in BUILDERS:
-        raise UserError(f"_target_={node._target_!r} is not one of nanogpt's builders: {', '.join(sorted(BUILDERS))}")
-    return get_method(node._target_)(node, **runtime)
+    return resolve(node._target_, "option")(node, **runtime)

@@ -173,7 +173,7 @@ def read_back(run_dir: Path, model: GPT, meta: dict, tokens: int, is_main: bool)
     if path is None:
         log.warning("debug.read_back: this run wrote no checkpoint (eval_only, or max_iters=0)")
         return
-    loaded = model_from_state(read_checkpoint(path))
+    loaded = model_from_state(read_checkpoint(path), trusted=[model.config._target_])  # the run's own class
     differ = [k for k, v in loaded.state_dict().items() if not torch.equal(v, trained[k])]
     if differ:
         raise RuntimeError(f"debug.read_back: {path} differs from the trained weights in {', '.join(differ)}")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.config import SystemConfig
+from nanogpt.config import SystemConfig, build
 from nanogpt.device import use_compile
 from nanogpt.dropout import set_parallel_dropout
 from nanogpt.errors import UserError
@@ -101,7 +101,7 @@ def sharded(system: SystemConfig, info: DistInfo) -> bool:
     return system.parallelism == "fsdp" and info.enabled
 
 
-def shard(build: Callable[[], GPT], system: SystemConfig, device: torch.device, dtype: torch.dtype, info: DistInfo) -> GPT:
+def shard(build_whole: Callable[[], GPT], system: SystemConfig, device: torch.device, dtype: torch.dtype, info: DistInfo) -> GPT:
     """A model built whole on rank 0 only (new, pretrained or from a checkpoint) and sharded over
     the ranks with FSDP2, per block and at the root: every rank materialises its shards of a
     meta-device copy, then takes rank 0's weights by broadcast, so the weights equal an unsharded
@@ -114,27 +114,28 @@ def shard(build: Callable[[], GPT], system: SystemConfig, device: torch.device, 
     whole, error = None, None
     if info.is_main:
         try:
-            whole = build()
+            whole = build_whole()
         except UserError as e:  # every rank stops with rank 0's message, none waits for it
             error = str(e)
     config, error = broadcast_object((whole.config if whole is not None else None, error), info)
     if error:
         raise UserError(error)
     with torch.device("meta"):
-        model = GPT(config)
+        model = build(config)
     set_parallel_dropout(model, system.parallel_dropout)
     checkpoint_activations(model, system.activation_checkpointing)
     # on CUDA, parameters gathered in the autocast dtype and gradients reduced in fp32
     low = dtype if device.type == "cuda" and dtype != torch.float32 else None
     options = dict(mesh=init_device_mesh(device.type, (info.world_size,)), reshard_after_forward=system.reshard_after_forward,
                    mp_policy=MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None))
-    for block in model.transformer.h:
+    for block in model.blocks:
         if use_compile(system, device):
             block.compile()  # in place: no _orig_mod. prefix in the saved names
         fully_shard(block, **options)
     fully_shard(model, **options)
     model.to_empty(device=device)
-    model.reset_buffers()
+    if hasattr(model, "reset_buffers"):  # buffers a state dict does not hold (the model protocol)
+        model.reset_buffers()
     set_model_state_dict(model, whole.state_dict() if whole is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
@@ -148,7 +149,7 @@ def checkpoint_activations(model: GPT, every: int) -> None:
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    blocks = model.transformer.h
+    blocks = model.blocks
     for i in range(0, len(blocks), every):
         blocks[i] = checkpoint_wrapper(blocks[i])
 

@@ -27,6 +27,7 @@ from nanogpt.datafolder import load_meta
 from nanogpt.device import autocast, resolve_device
 from nanogpt.errors import UserError
 from nanogpt.evaluation import Evaluator
+from nanogpt.targets import trusted_names
 from nanogpt.tokenizer import definition, tokenizer_from_meta
 from nanogpt.trainer import set_up_rank
 
@@ -44,7 +45,7 @@ def evaluate(config: TrainConfig, out_dir: Path | None) -> dict:
         source = config.init_from if config.init_from != "scratch" else find_newest_run(Path("outputs"))
         if source is None:
             raise UserError("no runs with a checkpoint under outputs/: pass init_from=<run | checkpoint | gpt2*>")
-        model, trained_on = load_model(str(source), config.model, config.weights)
+        model, trained_on = load_model(str(source), config.model, config.weights, trusted_names(config))
         meta = trained_on or {"tokenizer": "gpt2"}  # GPT-2 and Hugging Face weights: GPT-2's BPE
         model.to(device)
         evaluator = Evaluator(config.eval, tokenizer_from_meta(meta), model.config.vocab_size, model.config.block_size,

@@ -149,10 +149,14 @@ class Evaluator:
         self.config, self.tokenizer, self.block_size, self.streams, self.dist = config, tokenizer, block_size, streams, dist
         self.counts: dict[str, dict[str, int]] = {}  # the last run's examples, skipped and cut, by task
         self.tasks = {name: build(c, name=name, cache_dir=config.cache_dir) for name, c in config.tasks.items()}
-        choice_tasks = {name: t for name, t in self.tasks.items() if isinstance(t, ChoiceTask)}
+        choice_tasks = {name: t for name, t in self.tasks.items() if not isinstance(t, (BitsPerByteTask, CoreTask, LmEvalTask))}
+        for name, task in choice_tasks.items():  # a task of one's own: ChoiceTask's examples() and render()
+            if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "render", None))):
+                raise UserError(f"eval.tasks.{name}._target_={config.tasks[name]._target_} built a {type(task).__name__}, "
+                                "which has no examples() and render(): subclass nanogpt.tasks.ChoiceTask")
         if dist.is_main:  # downloads happen once, before the other ranks read the files
             for task in choice_tasks.values():
-                task.fetch()
+                getattr(task, "fetch", lambda: None)()
         distributed.broadcast_object(None, dist)
         self.rendered = {name: render_all(t, tokenizer, block_size) for name, t in choice_tasks.items()}
         self.core = {}  # CORE tasks: their subtasks and each one's examples as tokens

@@ -23,6 +23,7 @@ from nanogpt.checkpoint import checkpoint_model
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
 from nanogpt.pretrained import HF_ACTIVATION, HF_EXTRA, conv1d_weights, not_in_gpt2
+from nanogpt.targets import NotTrusted
 from nanogpt.tokenizer import EOT
 # tiktoken's gpt2 encoding is built from OpenAI's original GPT-2 files, which are exactly
 # Hugging Face's vocab.json and merges.txt; tiktoken caches them (TIKTOKEN_CACHE_DIR) by URL
@@ -115,7 +116,10 @@ def trained_tokenizer_files(meta: dict, block_size: int) -> dict[str, bytes]:
 def export(run: Path, out: Path, weights: str = "raw") -> tuple[list[str], str | None]:
     """Write the run's model (weights="ema": with the EMA of its weights) into out as a Hugging
     Face GPT-2 folder; return the files written and, when no tokenizer files are among them, why."""
-    model, meta = checkpoint_model(Path(run), weights)
+    try:
+        model, meta = checkpoint_model(Path(run), weights)  # nanogpt's GPT only: another class has no GPT-2 form
+    except NotTrusted as e:
+        raise UserError(f"cannot export {run} as GPT-2: its model is {e.target}, not nanogpt's GPT") from None
     bad = not_in_gpt2(model.config)
     if bad:
         raise UserError(f"cannot export {run} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")

@@ -40,8 +40,14 @@ def attention_flops_per_token(config) -> int:
 
 
 def flops_per_token(model: nn.Module) -> int:
-    """Training (forward + backward) FLOPs per token at the model's full context."""
-    return 6 * params_non_embedding(model) + attention_flops_per_token(model.config)
+    """Training (forward + backward) FLOPs per token at the model's full context: a model's own
+    count when it has one (the model protocol's optional flops_per_token()), else 6N plus
+    attention's, or 6N alone for a config without n_embd."""
+    own = getattr(model, "flops_per_token", None)
+    if own is not None:
+        return own()
+    attention = attention_flops_per_token(model.config) if hasattr(model.config, "n_embd") else 0
+    return 6 * params_non_embedding(model) + attention
 
 # published dense bf16 tensor-core peaks, FLOP/s, by device-name fragment (most specific first)
 GPU_PEAK_BF16 = [

@@ -18,6 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Rule, check, valid
 from nanogpt.dropout import Dropout
 from nanogpt.errors import UserError
+from nanogpt.protocol import ParamGroup, default_param_groups
 
 
 @dataclass
@@ -43,6 +44,7 @@ class GPTConfig:
     aspect_ratio: int | None = valid(None, POSITIVE)  # with depth: width per layer (model=depth: 64)
     head_dim: int | None = valid(None, POSITIVE)  # with depth: channels per head, n_head = n_embd / head_dim (model=depth: 64)
     doc_mask: bool = False  # the trainer feeds each token's place in its document: attention within documents only
+    _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
@@ -80,8 +82,8 @@ class GPTConfig:
 def padded_vocab_size(config: GPTConfig, data_vocab_size: int) -> int:
     """The vocabulary a new model gets: its own vocab_size, else the data's, rounded up to a
     multiple of vocab_pad_multiple (64: GPT-2's 50257 -> 50304, faster matmuls)."""
-    vocab = config.vocab_size or data_vocab_size
-    return math.ceil(vocab / config.vocab_pad_multiple) * config.vocab_pad_multiple
+    vocab, multiple = config.vocab_size or data_vocab_size, getattr(config, "vocab_pad_multiple", 1)  # any model's config
+    return math.ceil(vocab / multiple) * multiple
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -225,6 +227,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2, and the reference implementation of the model protocol (nanogpt.protocol)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size is None:
@@ -268,6 +272,16 @@ class GPT(nn.Module):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated layers: FSDP shards each, activation checkpointing wraps each."""
+        return self.transformer.h
+
+    def param_groups(self) -> list[ParamGroup]:
+        """How every optimizer treats each parameter (nanogpt.protocol.ParamGroup): 2-D weights
+        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon."""
+        return default_param_groups(self)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None,
                 positions: torch.Tensor | None = None):

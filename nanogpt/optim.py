@@ -1,10 +1,13 @@
-"""Optimizers with weight-decay groups, and learning-rate schedules.
+"""Optimizers over the model's parameter groups, and learning-rate schedules.
 
 Builders take their group's config dataclass plus runtime dependencies as keywords, and are named
-by the group's `_target_`. Optimizers come as a list: Muon needs AdamW beside it. A schedule is a
-multiplier of each parameter group's own peak rate, the rate it was built with (set_lr).
+by the group's `_target_` (the contract: nanogpt.protocol). Every optimizer takes its parameters
+from model.param_groups() through torch_groups, so a group's kind, rate scale and decay reach it
+(muP's per-parameter rates included). Optimizers come as a list: Muon needs AdamW beside it. A
+schedule is a multiplier of each parameter group's own peak rate, the rate it was built with (set_lr).
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -12,21 +15,22 @@ import torch
 import torch.nn as nn
 
 from nanogpt.config import AdamWConfig, CosineScheduleConfig, MuonConfig, WSDScheduleConfig
+from nanogpt.protocol import ParamGroup
 
 
-def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
-    """2-D tensors (matmul weights, embeddings) decay; biases, norms and gains (1-D) do not."""
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
+def torch_groups(model: nn.Module, groups: list[ParamGroup], learning_rate: float, weight_decay: float) -> list[dict]:
+    """torch param groups of the model's ParamGroups at an option's rate and decay: groups of the
+    same scales and extra keys merged, each in the model's parameter order (GPT's: the decayed
+    weights, then the rest)."""
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    merged: dict[tuple, dict] = {}
+    for g in groups:
+        key = (g.lr_scale, g.weight_decay_scale, *sorted(g.extra.items()))
+        settings = {"lr": learning_rate * g.lr_scale, "weight_decay": weight_decay * g.weight_decay_scale, **g.extra}
+        merged.setdefault(key, {"params": [], **settings})["params"].extend(g.params)
+    for group in merged.values():
+        group["params"].sort(key=lambda p: order[id(p)])
+    return [g for g in merged.values() if g["params"]]
 
 
 def use_fused(fused: bool | None, device_type: str) -> bool:
@@ -34,13 +38,13 @@ def use_fused(fused: bool | None, device_type: str) -> bool:
     return device_type in ("cuda", "cpu") if fused is None else fused
 
 
-def adamw(params: list[tuple[str, nn.Parameter]], c: AdamWConfig, device_type: str) -> torch.optim.AdamW:
-    groups = decay_groups(params, c.weight_decay, c.learning_rate)
-    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=use_fused(c.fused, device_type))
+def adamw(model: nn.Module, groups: list[ParamGroup], c: AdamWConfig, device_type: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW(torch_groups(model, groups, c.learning_rate, c.weight_decay), lr=c.learning_rate,
+                             betas=(c.beta1, c.beta2), fused=use_fused(c.fused, device_type))
 
 
 def build_adamw(c: AdamWConfig, *, model: nn.Module, device_type: str) -> list[torch.optim.Optimizer]:
-    return [adamw(trainable(model), c, device_type)]
+    return [adamw(model, model.param_groups(), c, device_type)]
 
 
 class Muon(torch.optim.Muon):
@@ -101,18 +105,20 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 def build_muon(c: MuonConfig, *, model: nn.Module, device_type: str) -> list[torch.optim.Optimizer]:
     """Muon (Jordan et al. 2024) orthogonalises the momentum of the hidden 2-D weights with
     Newton-Schulz iterations; embeddings, the LM head and 1-D parameters stay with AdamW."""
-    params = trainable(model)
-    hidden = [(n, p) for n, p in params if p.dim() == 2 and n.startswith("transformer.h.")]
-    hidden_ids = {id(p) for _, p in hidden}
-    rest = [(n, p) for n, p in params if id(p) not in hidden_ids]
+    hidden, rest = [], []
+    for g in model.param_groups():
+        matrices = [p for p in g.params if g.kind == "hidden" and p.dim() == 2]
+        others = [p for p in g.params if not (g.kind == "hidden" and p.dim() == 2)]
+        hidden += [dataclasses.replace(g, params=matrices)] if matrices else []
+        rest += [dataclasses.replace(g, params=others)] if others else []
     muon = Muon(
-        [p for _, p in hidden],
+        torch_groups(model, hidden, c.muon_learning_rate, c.muon_weight_decay),
         lr=c.muon_learning_rate,
         momentum=c.muon_momentum,
         weight_decay=c.muon_weight_decay,
         adjust_lr_fn="match_rms_adamw",  # scale the update to AdamW's RMS, so rates transfer across shapes
     )
-    return [muon, adamw(rest, c, device_type)]
+    return [muon, adamw(model, rest, c, device_type)]
 
 
 def warmup_iters(c: CosineScheduleConfig | WSDScheduleConfig) -> int:

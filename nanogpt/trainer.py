@@ -25,7 +25,7 @@ from nanogpt import distributed
 from nanogpt.averaging import EMA
 from nanogpt.checkpoint import (BEST, Checkpointer, TrainState, latest_checkpoint, load_model, model_from_state,
                                 read_checkpoint, resume_state)
-from nanogpt.config import SystemConfig, TrainConfig, build
+from nanogpt.config import SystemConfig, TrainConfig, build, to_dict
 from nanogpt.debug import instruments, oom_snapshot, read_back, train_batches
 from nanogpt.device import autocast, configure_backends, memory_mb, resolve_device, resolve_dtype, use_compile
 from nanogpt.dropout import set_parallel_dropout
@@ -34,9 +34,11 @@ from nanogpt.evaluation import Evaluator
 from nanogpt.flops import budget_iters, flops_per_token, params, params_non_embedding, peak_flops
 from nanogpt.model import GPT, padded_vocab_size
 from nanogpt.optim import set_lr
+from nanogpt.protocol import as_optimizers, as_schedule, check_model
 from nanogpt.rundir import (MetricsLog, RunInfo, provenance, read_status, seconds_since_process_start, update_status,
                             write_status, writer_lock)
 from nanogpt.spikes import Spike, SpikeMonitor, describe
+from nanogpt.targets import trusted_names
 from nanogpt.tokenizer import definition, tokenizer_from_meta
 from nanogpt.tracking import Recorder, start_trackers
 
@@ -109,7 +111,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         # 3) how: the model built and wrapped for this world, optimizers, loss scaling, schedule, batches
         training = build_training(config, lambda: build_model(config, data.meta, saved), device, dtype, dist)
         raw_model = training.raw_model
-        lr_scale = build(config.schedule, learning_rate=config.optim.learning_rate)
+        lr_scale = as_schedule(build(config.schedule, learning_rate=config.optim.learning_rate), config.schedule._target_)
         loader = data.loader(block_size=raw_model.config.block_size, device=device, seed=config.system.seed,
                              rank=dist.rank, world_size=dist.world_size, micro_steps=training.micro_steps,
                              documents=getattr(raw_model.config, "doc_mask", False), max_iters=config.max_iters)
@@ -122,7 +124,7 @@ def _train(config: TrainConfig, run: RunInfo, dist: distributed.DistInfo) -> flo
         spikes = SpikeMonitor(config.spike, dist, device)  # of loss spikes: spike.policy says what they do
 
         # 4) from where: this run's checkpoint, if it has one; what rank 0 records
-        config_dict = dataclasses.asdict(config)
+        config_dict = to_dict(config)
         checkpointer = Checkpointer(run_dir, raw_model, training.optimizers, training.scaler, dist,
                                     sharded=distributed.sharded(config.system, dist), keep=config.keep_checkpoints,
                                     ema=training.ema, monitor=spikes, config=config_dict, meta=data.meta,
@@ -414,7 +416,7 @@ def build_training(config: TrainConfig, build_model: Callable[[], GPT], device: 
     return Training(
         model=wrapped,
         raw_model=model,
-        optimizers=build(config.optim, model=model, device_type=device.type),
+        optimizers=as_optimizers(build(config.optim, model=model, device_type=device.type), config.optim._target_),
         device=device,
         dtype=dtype,
         micro_steps=per_rank_micro_steps(config.gradient_accumulation_steps, dist.world_size),
@@ -439,23 +441,28 @@ def per_rank_micro_steps(gradient_accumulation_steps: int, world_size: int) -> i
 
 def build_model(config: TrainConfig, meta: dict, saved: dict | None) -> GPT:
     """The model to train: from this run's checkpoint, else from init_from's weights, else new
-    and sized to the data's vocabulary. Checked against the data it will see."""
-    source, trained_on = config.init_from, None
+    and sized to the data's vocabulary. Checked against the model protocol and the data it will see."""
+    source, trained_on, trusted = config.init_from, None, trusted_names(config)
     if saved is not None:
         # a sharded checkpoint's tensors are read later, by every rank (Checkpointer.restore)
-        source, model, trained_on = "this run's checkpoint", model_from_state(saved, read_shards=False), saved.get("meta")
+        model = model_from_state(saved, read_shards=False, trusted=trusted)
+        source, trained_on = "this run's checkpoint", saved.get("meta")
     elif config.init_from == "scratch":
         if config.weights == "ema":
             raise UserError("weights=ema reads the EMA of init_from's run: set init_from=<run folder or checkpoint>")
-        model = GPT(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
+        model = build(dataclasses.replace(config.model, vocab_size=padded_vocab_size(config.model, meta["vocab_size"])))
     else:
-        model, trained_on = load_model(config.init_from, config.model, config.weights)
+        model, trained_on = load_model(config.init_from, config.model, config.weights, trusted)
+    check_model(model, model.config._target_ if hasattr(model, "config") else config.model._target_)
     if trained_on and definition(trained_on) != definition(meta):
         raise UserError(
             f"the data folder {config.data.root}/{config.data.name} has a different vocabulary ({meta['tokenizer']}) "
             f"from {source} ({trained_on.get('tokenizer')}): train on the same data"
         )
     if config.model.block_size < model.config.block_size:
+        if not hasattr(model, "crop_block_size"):
+            raise UserError(f"model.block_size={config.model.block_size} is shorter than {source}'s "
+                            f"({model.config.block_size}) and {type(model).__qualname__} has no crop_block_size()")
         model.crop_block_size(config.model.block_size)
     if meta["vocab_size"] > model.config.vocab_size:
         raise UserError(
