@@ -175,11 +175,7 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
                 if it in phases and (it == 0 or it > steps.start):  # a resumed run's start was recorded before
                     record_phase(phases, it, recorder)
                 if evaluate:
-                    losses = scored(t, lambda: estimate_loss(t.model, loader, config.eval_iters, t.autocast, it), ema=True)
-                    log.info(f"step {it}: " + ", ".join(f"{k.replace('_loss', ' loss').replace('_ema', ' ema')} {v:.4f}"
-                                                        for k, v in losses.items()))
-                    recorder.log({"iter": it, "kind": "eval", **losses, **progress.spent(it),
-                                  "train_time_s": state.train_time_s})
+                    losses = record_losses(config, t, loader, it, progress, state, recorder)
                 if evaluator is not None and due(it, config.eval.interval, steps.start, config):
                     # the raw model: any shape, no recompiles
                     scores = scored(t, lambda: evaluator(t.raw_model, t.device, t.autocast), ema=config.eval.ema)
@@ -233,6 +229,16 @@ def loop(config: TrainConfig, t: "Training", loader, evaluator: Evaluator | None
         steps.close()
         recorder.finish(exit_code, summary={"best_val_loss": state.best_val_loss})
     return state.best_val_loss
+
+
+def record_losses(config: TrainConfig, t: "Training", loader, it: int, progress: "Progress", state: TrainState,
+                  recorder: Recorder) -> dict[str, float]:
+    """The loss estimate at iteration it (and the EMA's, if kept), in the log and metrics.jsonl."""
+    losses = scored(t, lambda: estimate_loss(t.model, loader, config.eval_iters, t.autocast, it), ema=True)
+    log.info(f"step {it}: " + ", ".join(f"{k.replace('_loss', ' loss').replace('_ema', ' ema')} {v:.4f}"
+                                        for k, v in losses.items()))
+    recorder.log({"iter": it, "kind": "eval", **losses, **progress.spent(it), "train_time_s": state.train_time_s})
+    return losses
 
 
 def record_phase(phases: dict[int, dict], it: int, recorder: Recorder) -> None:
