@@ -36,7 +36,7 @@ from nanogpt.cli import job, run_cli
 from nanogpt.config import TrainConfig, build, to_train_config
 from nanogpt.device import autocast, memory_mb, resolve_device, use_compile
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, OneOf, valid
-from nanogpt.flops import measure_matmul_flops, published_peak
+from nanogpt.flops import flops_per_token, measure_matmul_flops, params, published_peak
 from nanogpt.data import TokenData
 from nanogpt.model import GPT, KVCache
 from nanogpt.rundir import seconds_since_process_start
@@ -138,7 +138,7 @@ def bench(config: TrainConfig) -> dict:
     step_s, data_s = [], []
     for i in range(b.warmup + b.iters):
         t, waited = time.perf_counter(), batches.seconds
-        train_step(training, batches, after_step=sync)
+        train_step(training, batches, i, after_step=sync)
         if i == 0:
             first_iter_s = time.perf_counter() - t
         if i >= b.warmup:
@@ -165,8 +165,8 @@ def figures(config: TrainConfig, t: Training, step_s: list[float], data_s: list[
     median = statistics.median(step_s)
     tokens = tokens_per_iter(config, block_size)  # one process: its micro-steps are all of them
     tokens_per_s = tokens / median
-    flops_per_token = raw_model.flops_per_token()
-    achieved = flops_per_token * tokens_per_s
+    fpt = flops_per_token(raw_model)
+    achieved = fpt * tokens_per_s
     published = published_peak(device)
     measured = measure_matmul_flops(device, t.dtype, n=8192 if device.type == "cuda" else 2048)
     quartiles = statistics.quantiles(step_s, n=4) if len(step_s) > 1 else [median] * 3
@@ -174,7 +174,7 @@ def figures(config: TrainConfig, t: Training, step_s: list[float], data_s: list[
         "device": device_name(device),
         "dtype": str(t.dtype).removeprefix("torch."),
         "compile": use_compile(config.system, device),
-        "params": raw_model.get_num_params(non_embedding=False),
+        "params": params(raw_model),
         "batch_size": batch_size,
         "block_size": block_size,
         "micro_steps": micro_steps,
@@ -187,7 +187,7 @@ def figures(config: TrainConfig, t: Training, step_s: list[float], data_s: list[
         "ms_per_iter_max": max(step_s) * 1e3,
         "ms_per_iter_iqr": (quartiles[2] - quartiles[0]) * 1e3,
         "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops_per_token,
+        "flops_per_token": fpt,
         "achieved_tflops": achieved / 1e12,
         "published_peak_tflops": published / 1e12 if published else None,
         "mfu_published": achieved / published if published else None,
@@ -266,7 +266,7 @@ def bench_sampling(config: TrainConfig) -> dict:
             figures[f"seconds_{n}"] = seconds
     return figures | {
         "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "compile": model is not raw_model,
-        "params": raw_model.get_num_params(non_embedding=False), "prompt_tokens": b.prompt_tokens,
+        "params": params(raw_model), "prompt_tokens": b.prompt_tokens,
         "new_tokens": b.new_tokens, "samples": b.samples, "torch": torch.__version__,
         "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }

@@ -4,6 +4,7 @@
     python sample.py init_from=outputs/2026-11-25/10-00-00 start="ROMEO:" num_samples=2
     python sample.py init_from=gpt2 start="FILE:prompt.txt" top_p=0.9 stop=["\n\n"]
     python sample.py prompts_file=prompts.txt num_samples=4 format=json
+    python sample.py init_from=outputs/2026-11-25/10-00-00 weights=ema   # the EMA of its weights (ema_decay)
 
 Each prompt is prefilled once and its samples decode as one batch through a key/value cache
 (nanogpt/sampling.py). On a terminal the first sample streams as it is generated; a file or a
@@ -72,7 +73,7 @@ def main(cfg) -> None:
     ctx = autocast(device, resolve_dtype(system, device))
     texts = read_prompts(c)  # before the model: a wrong file costs no load
 
-    model, meta = load_model(c.init_from or newest_run(c.runs_root), trusted=c.extensions)
+    model, meta = load_model(c.init_from or newest_run(c.runs_root), weights=c.weights, trusted=c.extensions)
     tokenizer = tokenizer_from_meta(meta or {"tokenizer": "gpt2"})  # GPT-2 and nanoGPT's checkpoints: GPT-2 BPE
     model.eval().to(device)
     if c.compile:

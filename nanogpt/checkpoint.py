@@ -2,22 +2,27 @@
 
 A checkpoint is a dict of tensors and plain Python types only, so `torch.load(weights_only=True)`
 opens it without running code. Its keys: model, optimizers, scaler, model_args, config, meta,
-provenance, and the TrainState's fields (iter_num and best_val_loss as nanoGPT names them).
+provenance, ema (the weights' moving average, when ema_decay > 0: nanogpt/averaging.py), and the
+TrainState's fields (iter_num and best_val_loss as nanoGPT names them).
 Saves go to a temporary file in the same folder, are fsynced, then renamed over the old file: a
 kill or a full disk mid-save leaves the previous one intact.
 
 A run folder holds ckpt.pt, the latest state (what a resume continues), and best.pt, the weights
 of the best val loss when always_save_checkpoint=false. Weights taken from a run folder
-(`init_from`, sampling, export) come from best.pt when there is one, else ckpt.pt.
+(`init_from`, sampling, export) come from best.pt when there is one, else ckpt.pt. With
+keep_checkpoints=K > 1, ckpt-<iteration>.pt hard links keep the last K (ckpt.pt is the newest of
+them), removed oldest first once a newer one is complete; `average` writes their mean.
 
 A sharded run (system.parallelism=fsdp) saves Distributed Checkpoint folders instead, written by
 all ranks at once: ckpt/<iteration>/ holds each rank's shards and train_state.pt (everything but
 the model and optimizer tensors, written by rank 0 last), and the text files ckpt/latest and
 ckpt/best name the step folder to use; each is replaced in one rename once its folder is
-complete, so a kill mid-save leaves the previous checkpoint in use. DCP reshards on load: a run
-resumes at another world size, and one process reads the folder whole. Both formats keep the
-optimizers' state by parameter name (torch.distributed.checkpoint.state_dict's layout), so either
-resumes from the other; the run's newer one wins.
+complete, so a kill mid-save leaves the previous checkpoint in use; keep_checkpoints keeps the
+last K step folders. DCP reshards on load: a run resumes at another world size, and one process
+reads the folder whole. Both formats keep the optimizers' state by parameter name
+(torch.distributed.checkpoint.state_dict's layout), so either resumes from the other; the run's
+newer one wins, and a save in one format removes the other's checkpoints (a history of K starts
+again).
 """
 
 import dataclasses
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 from nanogpt import distributed
+from nanogpt.averaging import EMA, load_averages, mean_state_dict, named_parameters
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import GPT2_NAMES, load_pretrained
@@ -43,6 +49,7 @@ from nanogpt.targets import NotTrusted, covered, option_type, resolve
 
 GPT_TARGET = GPTConfig._target_  # nanoGPT's checkpoints and ours before model targets: the GPT
 LAST, BEST = "ckpt.pt", "best.pt"
+KEPT, KEPT_GLOB = "ckpt-{:08d}.pt", "ckpt-[0-9]*.pt"  # keep_checkpoints > 1: hard links of ckpt.pt by iteration
 SHARDED = "ckpt"  # the folder of a sharded run's step folders and pointers
 POINTERS = {LAST: "latest", BEST: "best"}
 TRAIN_STATE = "train_state.pt"  # in a step folder: all but the sharded tensors
@@ -57,29 +64,35 @@ class TrainState:
     train_time_s: float = 0.0  # time spent in steps so far, over every resume: metrics' time axis
     tracker_ids: dict[str, str] = field(default_factory=dict)  # tracker name -> its run id, to continue that run
     rng: list[dict] = field(default_factory=list)  # every rank's RNG states, by rank (filled when saved)
+    spike_windows: list[list[float]] = field(default_factory=list)  # every rank's recent losses (nanogpt/spikes.py)
+    spikes: list[dict] = field(default_factory=list)  # the loss spikes seen, as metrics.jsonl records them
+    skipped_windows: list[list[int]] = field(default_factory=list)  # rollbacks' (first iteration, windows skipped)
 
 
 class Checkpointer:
     """Saves and restores a run's full state in its folder. Every rank calls save (the RNG states
-    are gathered from all of them); rank 0 writes, or, for a sharded model, every rank writes its
-    shards."""
+    and spike windows are gathered from all of them); rank 0 writes, or, for a sharded model, every
+    rank writes its shards."""
 
     def __init__(self, run_dir: Path, model: GPT, optimizers: list, scaler, dist: distributed.DistInfo,
-                 sharded: bool = False, **extra):
+                 sharded: bool = False, keep: int = 1, ema: EMA | None = None, monitor=None, **extra):
         self.run_dir, self.model, self.optimizers, self.scaler, self.dist = Path(run_dir), model, optimizers, scaler, dist
-        self.sharded = sharded
+        self.sharded, self.keep, self.ema, self.monitor = sharded, keep, ema, monitor  # monitor: a spikes.SpikeMonitor
         self.extra = extra  # config, meta, provenance: written as they are
         if dist.is_main:  # a save killed midway left its temporary file; rank 0 holds the folder's lock: no one else writes
-            for name in (LAST, BEST):
-                _temporary(self.run_dir / name).unlink(missing_ok=True)
-            remove_unused_steps(self.run_dir)
+            for tmp in self.run_dir.glob(".*.pt.tmp"):
+                tmp.unlink()
+            self._keep_last()
+            remove_unused_steps(self.run_dir, keep)
 
     def save(self, state: TrainState, name: str = LAST) -> None:
-        rng = distributed.gather_objects(rng_state(), self.dist)  # a collective: every rank calls it
+        window = self.monitor.state() if self.monitor is not None else []
+        per_rank = distributed.gather_objects((rng_state(), window), self.dist)  # a collective: every rank calls it
+        state = dataclasses.replace(state, rng=[r for r, _ in per_rank], spike_windows=[w for _, w in per_rank])
         record = {
             "scaler": self.scaler.state_dict(),
             "model_args": dataclasses.asdict(self.model.config),
-            **dataclasses.asdict(dataclasses.replace(state, rng=rng)),
+            **dataclasses.asdict(state),
             **self.extra,
         }
         if self.sharded:
@@ -87,8 +100,31 @@ class Checkpointer:
             return
         optimizers = optimizer_state(self.model, self.optimizers, full=True)  # not a collective: the model is whole
         if self.dist.is_main:
-            save_checkpoint({"model": self.model.state_dict(), "optimizers": optimizers, **record}, self.run_dir / name)
+            ema = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+            save_checkpoint({"model": self.model.state_dict(), "optimizers": optimizers, **ema, **record}, self.run_dir / name)
             shutil.rmtree(self.run_dir / SHARDED, ignore_errors=True)  # the single file is newer
+            if name == LAST:
+                self._keep_last(state.iter_num)
+
+    def _keep_last(self, iter_num: int | None = None) -> None:
+        """keep > 1: ckpt.pt (of iter_num, else read from it) hard-linked under its iteration, then
+        the oldest links past K removed; a kill between the rename and the link: the next start
+        links it. keep=1: no links."""
+        latest = self.run_dir / LAST
+        kept = sorted(self.run_dir.glob(KEPT_GLOB))
+        if self.keep > 1 and latest.is_file() and not any(os.path.samefile(latest, k) for k in kept):
+            link = self.run_dir / KEPT.format(load_checkpoint(latest)["iter_num"] if iter_num is None else iter_num)
+            tmp = _temporary(link)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(latest, tmp)
+            except OSError:  # a file system without hard links: a copy
+                shutil.copyfile(latest, tmp)
+            os.replace(tmp, link)  # over a link of the same iteration (a stop right after an eval's save)
+            _fsync_dir(self.run_dir)
+            kept = sorted({*kept, link})
+        for old in kept[: -self.keep] if self.keep > 1 else kept:
+            old.unlink()
 
     def _save_sharded(self, record: dict, iter_num: int, name: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -97,36 +133,68 @@ class Checkpointer:
         step = self.run_dir / SHARDED / f"{iter_num:08d}"
         if not (step / TRAIN_STATE).exists():  # best.pt of the iteration just saved: the same folder
             tensors = {"model": get_model_state_dict(self.model), "optimizers": optimizer_state(self.model, self.optimizers)}
+            if self.ema is not None:
+                tensors["ema"] = self.ema.state_dict()
             dcp.save(tensors, checkpoint_id=step)
-            if self.dist.is_main:
-                save_checkpoint(record, step / TRAIN_STATE)
         if self.dist.is_main:
+            save_checkpoint(record, step / TRAIN_STATE)  # again for the same folder: a rollback's new state
             write_pointer(self.run_dir / SHARDED / POINTERS[name], step.name)
-            for old in (LAST, BEST):  # the sharded checkpoint is newer
+            for old in (LAST, BEST, *self.run_dir.glob(KEPT_GLOB)):  # the sharded checkpoint is newer
                 (self.run_dir / old).unlink(missing_ok=True)
-            remove_unused_steps(self.run_dir)
+            remove_unused_steps(self.run_dir, self.keep)
 
-    def restore(self, saved: dict) -> TrainState:
-        """Optimizers, loss scaler and this rank's RNGs from a checkpoint of this run (the model
-        was built from it; a sharded checkpoint's tensors are read into it here); the TrainState
-        to continue from."""
+    def restore(self, saved: dict, weights: bool = False) -> TrainState:
+        """Optimizers, loss scaler, EMA, spike window and this rank's RNGs from a checkpoint of this
+        run (the model was built from it, or, with weights, is loaded here too: a rollback; a sharded
+        checkpoint's tensors are always read here); the TrainState to continue from."""
         if "sharded_from" in saved:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
             tensors = {"model": get_model_state_dict(self.model), "optimizers": optimizer_state(self.model, self.optimizers)}
+            has_ema = self.ema is not None and has_shards(saved["sharded_from"], "ema")
+            if has_ema:
+                tensors["ema"] = self.ema.state_dict()  # read in place
             load_shards(tensors, saved["sharded_from"])
             set_model_state_dict(self.model, tensors["model"])
             set_optimizer_state(self.model, self.optimizers, tensors["optimizers"])
         else:
+            if weights:
+                load_whole_model(self.model, saved["model"], self.sharded, self.dist.is_main)
             set_optimizer_state(self.model, self.optimizers, saved["optimizers"], full=True, from_rank0=self.sharded,
                                 is_main=self.dist.is_main)
+            has_ema = self.ema is not None and "ema" in saved
+            if has_ema:
+                self.ema.load_state_dict(saved["ema"])
+        if self.ema is not None and not has_ema:  # a run that turns the EMA on: it starts from these weights
+            self.ema.reset()
         self.scaler.load_state_dict(saved["scaler"])
         state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         if "tracker_ids" not in saved and saved.get("wandb_id"):  # older checkpoints kept wandb's run id alone
             state.tracker_ids = {"wandb": saved["wandb_id"]}
         if self.dist.rank < len(state.rng):  # a rank the saved run did not have starts from its seed
             set_rng_state(state.rng[self.dist.rank])
+        if self.monitor is not None:  # a rank's losses at another world size are of another batch: a new window
+            same_world = len(state.spike_windows) == self.dist.world_size
+            self.monitor.load(state.spike_windows[self.dist.rank] if same_world else [])
         return state
+
+
+def load_whole_model(model: nn.Module, weights: dict, sharded: bool, is_main: bool) -> None:
+    """A whole state dict (a ckpt.pt's) into the model; a sharded one takes it from rank 0."""
+    if not sharded:
+        model.load_state_dict(strip_prefixes(weights))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, strip_prefixes(weights) if is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def has_shards(step: str | Path, key: str) -> bool:
+    """Whether a step folder holds tensors under key (e.g. "ema")."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(k.startswith(f"{key}.") for k in FileSystemReader(str(step)).read_metadata().state_dict_metadata)
 
 
 def load_shards(tensors: dict, step: str | Path, alone: bool = False) -> None:
@@ -195,15 +263,36 @@ def read_pointer(path: Path) -> Path | None:
     return step
 
 
-def remove_unused_steps(run_dir: Path) -> None:
-    """Step folders no pointer names: older checkpoints, and saves a kill cut short."""
+def remove_unused_steps(run_dir: Path, keep: int = 1) -> None:
+    """Step folders neither a pointer names nor among the last `keep` complete ones up to the
+    latest: older checkpoints, and saves a kill cut short."""
     folder = Path(run_dir) / SHARDED
     if not folder.is_dir():
         return
     used = {read_pointer(folder / p) for p in POINTERS.values()}
+    latest = read_pointer(folder / POINTERS[LAST])
+    complete = sorted(p for p in folder.iterdir() if p.is_dir() and (p / TRAIN_STATE).is_file() and latest is not None
+                      and p.name <= latest.name)
+    used |= set(complete[-keep:])
     for step in folder.iterdir():
         if step.is_dir() and step not in used:
             shutil.rmtree(step, ignore_errors=True)
+
+
+def kept_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """A run's kept checkpoints by iteration, oldest first: its ckpt-<iteration>.pt files and
+    ckpt.pt, or its complete step folders up to the latest (keep_checkpoints says how many)."""
+    run_dir = Path(run_dir)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return {}
+    if latest.is_dir():
+        return {int(p.name): p for p in sorted(latest.parent.iterdir())
+                if p.is_dir() and (p / TRAIN_STATE).is_file() and p.name <= latest.name}
+    kept = {int(p.name[5:13]): p for p in sorted(run_dir.glob(KEPT_GLOB))}
+    if not any(os.path.samefile(latest, p) for p in kept.values()):  # killed before its link
+        kept[load_checkpoint(latest)["iter_num"]] = latest
+    return dict(sorted(kept.items()))
 
 
 def latest_checkpoint(run_dir: Path, name: str = LAST) -> Path | None:
@@ -291,39 +380,51 @@ def weights_file(path: Path) -> Path | None:
     return latest_checkpoint(path, BEST) or latest_checkpoint(path, LAST)
 
 
-def checkpoint_model(path: Path, trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
-    """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta; a
-    model class of someone's package only when its module is trusted (model_from_state)."""
+def checkpoint_model(path: Path, weights: str = "raw", trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
+    """The model of a checkpoint file or run folder, ours or nanoGPT's, and its data's meta;
+    weights="ema": with the EMA of its weights. A model class of someone's package only when its
+    module is trusted (model_from_state)."""
     file = weights_file(path)
     if file is None:
         raise UserError(f"no checkpoint in {path}")
     state = read_checkpoint(file)
     if "model_args" not in state or not ("model" in state or "sharded_from" in state):
         raise UserError(f"{file} is not a nanogpt or nanoGPT checkpoint (no model_args/model)")
-    return model_from_state(state, trusted=trusted, where=str(file)), state.get("meta")
+    if weights == "ema" and not has_ema(state):
+        raise UserError(f"{file} holds no EMA weights (its run had ema_decay=0): use weights=raw")
+    return model_from_state(state, weights=weights, trusted=trusted, where=str(file)), state.get("meta")
 
 
-def load_model(source: str, model: GPTConfig | None = None, trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
+def load_model(source: str, model: GPTConfig | None = None, weights: str = "raw",
+               trusted: Sequence[str] = ()) -> tuple[nn.Module, dict | None]:
     """The weights `init_from` names, on the CPU, and the vocabulary they were trained on (a data
     folder's meta; None for GPT-2 and Hugging Face weights, which use GPT-2's BPE):
-    - a run folder or a checkpoint file, ours or nanoGPT's;
+    - a run folder or a checkpoint file, ours or nanoGPT's (weights="ema": the EMA of its weights);
     - gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder.
     Hugging Face weights take `model`'s dropout and a shorter block_size (a checkpoint is loaded as
     it was saved, its model class imported only when `trusted` covers it: targets.trusted_names)."""
     path = Path(source).expanduser()
     if source not in GPT2_NAMES and (path.suffix == ".pt" or (path.is_dir() and weights_file(path) is not None)):
-        return checkpoint_model(path, trusted)
+        return checkpoint_model(path, weights, trusted)
+    if weights == "ema":
+        raise UserError(f"weights=ema takes a run's EMA weights: {source} is not a run or checkpoint of this project")
     if model is not None and model._target_ != GPT_TARGET:
         raise UserError(f"init_from={source} loads GPT-2 weights into nanogpt's GPT, not model._target_={model._target_}")
     return load_pretrained(source, model or GPTConfig()), None
 
 
-def model_from_state(state: dict, read_shards: bool = True, trusted: Sequence[str] = (),
+def has_ema(state: dict) -> bool:
+    """Whether a checkpoint (read_checkpoint's) holds the EMA of its weights."""
+    return "ema" in state if "sharded_from" not in state else has_shards(state["sharded_from"], "ema")
+
+
+def model_from_state(state: dict, read_shards: bool = True, weights: str = "raw", trusted: Sequence[str] = (),
                      where: str = "the checkpoint") -> nn.Module:
-    """The whole model of a checkpoint; a sharded one's shards are read into it in this process
-    (read_shards=False: the trainer reads them into its own, maybe sharded, model, with every rank).
-    The class is the one its model_args record (nanoGPT's and older ones: GPT); another than
-    nanogpt's GPT is imported only when `trusted` covers it (a run folder is data, not code)."""
+    """The whole model of a checkpoint, with its weights or (weights="ema") their EMA; a sharded
+    one's shards are read into it in this process (read_shards=False: the trainer reads them into
+    its own, maybe sharded, model, with every rank). The class is the one its model_args record
+    (nanoGPT's and older ones: GPT); another than nanogpt's GPT is imported only when `trusted`
+    covers it (a run folder is data, not code)."""
     target = state["model_args"].get("_target_", GPT_TARGET)
     if target != GPT_TARGET and not covered(target, trusted):
         raise NotTrusted(target, where)
@@ -335,11 +436,17 @@ def model_from_state(state: dict, read_shards: bool = True, trusted: Sequence[st
     if "sharded_from" in state:
         if not read_shards:
             return model
-        weights = {"model": model.state_dict()}
-        load_shards(weights, state["sharded_from"], alone=True)
-        model.load_state_dict(weights["model"])
+        tensors = {"model": model.state_dict()}
+        if weights == "ema":
+            tensors["ema"] = {name: torch.empty_like(p) for name, p in named_parameters(model).items()}
+        load_shards(tensors, state["sharded_from"], alone=True)
+        model.load_state_dict(tensors["model"])
+        averages = tensors.get("ema")
     else:
         model.load_state_dict(strip_prefixes(state["model"]))
+        averages = state.get("ema")
+    if weights == "ema":
+        load_averages(model, averages)
     return model
 
 
@@ -390,15 +497,45 @@ def set_rng_state(state: dict) -> None:
 
 def consolidate(source: Path, out: Path, trusted: Sequence[str] = ()) -> Path:
     """A sharded checkpoint (a run folder or a step folder) as one file in ckpt.pt's format: the
-    whole model and the train state, loadable with weights_only=True. Optimizer state stays in
-    the shards (a resume reads them there)."""
+    whole model, its EMA if kept, and the train state, loadable with weights_only=True. Optimizer
+    state stays in the shards (a resume reads them there)."""
     step = weights_file(Path(source))
     if step is None or not step.is_dir():
         raise UserError(f"{source} holds no sharded checkpoint (no {SHARDED}/latest)")
     state = read_checkpoint(step)
-    model = model_from_state(state, trusted=trusted, where=str(step))
+    whole = {"model": model_from_state(state, trusted=trusted, where=str(step)).state_dict()}
+    if has_ema(state):
+        ema = model_from_state(state, weights="ema", trusted=trusted, where=str(step))
+        whole["ema"] = {k: p.detach() for k, p in named_parameters(ema).items()}
     del state["sharded_from"]
-    save_checkpoint(state | {"model": model.state_dict()}, out)
+    save_checkpoint(state | whole, out)
+    return out
+
+
+def average(source: Path, out: Path, last: int | None = None, iters: list[int] | None = None,
+            trusted: Sequence[str] = ()) -> Path:
+    """The mean of a run's kept checkpoints' weights (keep_checkpoints), the last `last` or those
+    of the given iterations, as one file in ckpt.pt's format that every command reads as weights
+    (init_from, sample.py, nanogpt.eval, export): the newest one's train state and config, no
+    optimizer state, and "averaged_iters" naming what it averages."""
+    kept = kept_checkpoints(Path(source))
+    if iters:
+        missing = [i for i in iters if i not in kept]
+        if missing:
+            raise UserError(f"{source} keeps no checkpoint of iteration {', '.join(map(str, missing))} "
+                            f"(it keeps {', '.join(map(str, kept)) or 'none'})")
+        chosen = sorted(set(iters))
+    else:
+        if len(kept) < last:
+            raise UserError(f"{source} kept {len(kept)} checkpoint(s) ({', '.join(map(str, kept)) or 'none'}), "
+                            f"fewer than --last {last}: train with keep_checkpoints={last} or more")
+        chosen = list(kept)[-last:]
+    newest = read_checkpoint(kept[chosen[-1]])
+    weights = mean_state_dict(model_from_state(read_checkpoint(kept[i]), trusted=trusted, where=str(kept[i])).state_dict()
+                              for i in chosen)
+    training_only = ("model", "optimizers", "scaler", "ema", "sharded_from", "rng", "spike_windows")
+    record = {k: v for k, v in newest.items() if k not in training_only}
+    save_checkpoint(record | {"model": weights, "averaged_iters": chosen}, out)
     return out
 
 
@@ -406,16 +543,30 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m nanogpt.checkpoint consolidate",
-                                     description="Write a sharded (FSDP) run's checkpoint as one .pt file.")
-    parser.add_argument("command", choices=["consolidate"])
-    parser.add_argument("source", type=Path, help="a run folder (its best, else latest, checkpoint) or a step folder")
-    parser.add_argument("out", type=Path, help="the .pt file to write")
-    parser.add_argument("--extensions", nargs="+", default=[], metavar="PACKAGE",
-                        help="your packages, whose model class the checkpoint may name")
+    parser = argparse.ArgumentParser(prog="python -m nanogpt.checkpoint",
+                                     description="One .pt file from a run's checkpoints, which every command reads.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("consolidate", help="a sharded (FSDP) run's checkpoint as one .pt file")
+    mean = commands.add_parser("average", help="the mean of a run's last kept checkpoints (keep_checkpoints=K)")
+    one.add_argument("source", type=Path, help="a run folder (its best, else latest, checkpoint) or a step folder")
+    mean.add_argument("source", type=Path, help="a run folder")
+    for p in (one, mean):
+        p.add_argument("out", type=Path, help="the .pt file to write")
+        p.add_argument("--extensions", nargs="+", default=[], metavar="PACKAGE",
+                       help="your packages, whose model class the checkpoint may name")
+    which = mean.add_mutually_exclusive_group(required=True)
+    which.add_argument("--last", type=int, metavar="K", help="the last K checkpoints")
+    which.add_argument("--iters", type=lambda s: [int(i) for i in s.split(",")], metavar="A,B,C",
+                       help="the checkpoints of these iterations")
     args = parser.parse_args(argv)
     try:
-        print(f"wrote {consolidate(args.source, args.out, args.extensions)}")
+        if args.command == "consolidate":
+            out = consolidate(args.source, args.out, args.extensions)
+        else:
+            if args.last is not None and args.last < 1:
+                raise UserError(f"--last {args.last}: average at least one checkpoint")
+            out = average(args.source, args.out, args.last, args.iters, args.extensions)
+        print(f"wrote {out}")
     except NotTrusted as e:
         print(f"error: {e}".replace(f"extensions=[{e.package}]", f"--extensions {e.package}"), file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ user's own option (their config folder) is typed by their builder's dataclass (n
 """
 
 import copy
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ from nanogpt.protocol import MODEL_CONFIG_KEYS, check_builder
 from nanogpt.targets import Option, option_type, resolve, targets_in, with_options
 
 ASSETS = Path(__file__).parent / "assets"
+CONF = Path(__file__).parent.parent / "conf"  # the presets a mixture may name
 
 
 DEVICE = Matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
@@ -34,10 +36,29 @@ MODULES = Matches(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", "Python packages or modules 
 
 
 @dataclass
-class DataConfig:
-    _target_: str = "nanogpt.data.TokenData"
+class BatchesConfig:
+    """What every option of the data group has: where prepared folders live, and how batches are
+    cut from them (a folder of its own, DataConfig, or a mixture of folders, MixConfig)."""
+
+    _target_: str = MISSING
     name: str = MISSING  # prepared data lives in <root>/<name>
     root: str = "data"  # outside the run folders: runs share prepared data
+    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
+    order: str = valid("random", OneOf("random", "epoch"))  # epoch: every window once an epoch, ranks never share one
+    align: bool = False  # windows start at a document's first token (long documents: every block_size tokens)
+    packing: str = valid("none", OneOf("none", "bestfit"))  # bestfit: rows of whole documents, each starting one
+    pack_buffer: int = valid(1000, POSITIVE)  # bestfit: documents a row chooses among (nanochat's buffer_size)
+    prefetch: bool = True  # build the next batch in a background thread while the step runs
+
+    RULES: ClassVar[list[Rule]] = [
+        ("{prefix}align and {prefix}packing=bestfit both set: packed rows start at documents already; choose one",
+         lambda c: not (c.align and c.packing == "bestfit")),
+    ]
+
+
+@dataclass
+class DataConfig(BatchesConfig):
+    _target_: str = "nanogpt.data.TokenData"
     # the text: local files, or a Hugging Face dataset read as a stream
     source: list[str] = valid(check=Exists(), default_factory=list)  # text, .jsonl(.gz), .parquet files or folders
     hf_dataset: str | None = None  # a Hub dataset (HuggingFaceFW/fineweb-edu), or a local folder laid out like one
@@ -57,18 +78,79 @@ class DataConfig:
     shard_tokens: int = valid(100_000_000, POSITIVE)  # tokens a shard file
     workers: int | None = valid(None, POSITIVE)  # encoding threads; None: every core
     reprepare: bool = False  # a folder prepared from other sources or settings is prepared again, not refused
-    # the batches
-    batch_size: int = valid(12, POSITIVE)  # sequences per micro-step per rank
-    order: str = valid("random", OneOf("random", "epoch"))  # epoch: every window once an epoch, ranks never share one
-    align: bool = False  # windows start at a document's first token (long documents: every block_size tokens)
-    prefetch: bool = True  # build the next batch in a background thread while the step runs
 
-    RULES: ClassVar[list[Rule]] = [
+    RULES: ClassVar[list[Rule]] = BatchesConfig.RULES + [
         ("{prefix}source and {prefix}hf_dataset are both set: name local files or a dataset, not both",
          lambda c: not (c.source and c.hf_dataset)),
         ("{prefix}data_files, hf_name and hf_revision choose what a Hugging Face dataset gives: set {prefix}hf_dataset",
          lambda c: c.hf_dataset or not (c.data_files or c.hf_name or c.hf_revision)),
     ]
+
+
+@dataclass
+class MixPhase:
+    until: float = MISSING  # the phase ends at iteration floor(until x max_iters)
+    weights: dict[str, float] = MISSING  # {source: weight} until then
+
+
+@dataclass
+class MixConfig(BatchesConfig):
+    """data=mix: each training window drawn from one of several prepared folders (or data presets,
+    prepared on first use), in proportion to its weight; nanogpt.mixture."""
+
+    _target_: str = "nanogpt.mixture.MixtureData"
+    name: str = "mix"  # how logs name the mixture; each source keeps its own folder
+    # {source: weight}: a data preset or a folder under root; the weights need not sum to 1. Untyped:
+    # Hydra merges a typed dict with an override's, and then refuses new names
+    mix: Any = MISSING
+    mix_phases: list[MixPhase] = field(default_factory=list)  # earlier weights: [{until: 0.8, weights: {...}}]; mix after
+
+    RULES: ClassVar[list[Rule]] = BatchesConfig.RULES + [
+        ("{prefix}mix is empty: name the sources and their weights, e.g. {prefix}mix='{{web:0.7,code:0.3}}'",
+         lambda c: c.mix != {}),
+        ("{prefix}{c.bad_weights}", lambda c: not c.bad_weights),
+        ("{prefix}{c.unknown_source}: not a data preset (conf/data/) nor a prepared folder under {prefix}root={c.root}",
+         lambda c: c.unknown_source is None),
+        ("{prefix}mix_phases: {c.bad_phases}", lambda c: not c.bad_phases),
+    ]
+
+    def _weightings(self) -> list[tuple[str, dict[str, float]]]:
+        return [*((f"mix_phases[{i}].weights", p.weights) for i, p in enumerate(self.mix_phases)), ("mix", self.mix)]
+
+    @property
+    def bad_weights(self) -> str:
+        """What is wrong with a weighting (mix, or a phase's), in one line; "" when nothing."""
+        for key, weights in self._weightings():
+            if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                        for w in weights.values()):
+                return f"{key}={weights!r}: give each source a number, e.g. {{web: 0.7, code: 0.3}}"
+            if unknown := [name for name in weights if name not in self.mix]:
+                return f"{key} names {unknown[0]!r}, which is not a source of mix ({', '.join(self.mix)})"
+            if negative := [name for name, w in weights.items() if not 0 <= w < math.inf]:
+                return f"{key}.{negative[0]}={weights[negative[0]]} must be >= 0 and finite"
+            if not sum(weights.values()) > 0:
+                return f"{key}: every weight is 0; give at least one source a positive weight"
+        return ""
+
+    @property
+    def unknown_source(self) -> str | None:
+        return next((f"mix.{name}" for name in self.mix if data_preset(name) is None
+                     and not (Path(self.root).expanduser() / name / "meta.json").exists()), None)
+
+    @property
+    def bad_phases(self) -> str:
+        ends = [p.until for p in self.mix_phases]
+        if bad := [u for u in ends if not 0 < u <= 1]:
+            return f"until={bad[0]} is not in (0, 1]: a phase ends at a fraction of max_iters"
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            return f"until {ends} must increase from phase to phase"
+        return ""
+
+
+def data_preset(name: str) -> Path | None:
+    """conf/data/<name>.yaml, if there is such a data preset."""
+    path = CONF / "data" / f"{name}.yaml"
+    return path if name.replace("_", "").replace("-", "").isalnum() and path.is_file() else None
 
 
 @dataclass
@@ -97,6 +179,7 @@ class CosineScheduleConfig:
     _target_: str = "nanogpt.optim.cosine_schedule"
     decay_lr: bool = True  # False: constant learning rate after warmup
     warmup_iters: int = valid(100, NON_NEGATIVE)
+    warmup_fraction: float | None = valid(None, PROBABILITY)  # instead of warmup_iters: this share of lr_decay_iters
     lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # decay over the whole run (~ max_iters per Chinchilla)
     min_lr: float = valid(1e-4, NON_NEGATIVE)  # ~ learning_rate / 10 per Chinchilla
 
@@ -105,6 +188,7 @@ class CosineScheduleConfig:
 class WSDScheduleConfig:
     _target_: str = "nanogpt.optim.wsd_schedule"
     warmup_iters: int = valid(100, NON_NEGATIVE)
+    warmup_fraction: float | None = valid(None, PROBABILITY)  # instead of warmup_iters: this share of lr_decay_iters
     lr_decay_iters: int = valid(II("max_iters"), NON_NEGATIVE)  # the schedule ends here, like cosine's
     decay_fraction: float = valid(0.5, Range(0, 1))  # the last half of lr_decay_iters decays linearly to min_lr
     min_lr: float = valid(0.0, NON_NEGATIVE)
@@ -194,17 +278,54 @@ class ChoiceTaskConfig:
 
 
 @dataclass
+class CoreConfig:
+    _target_: str = "nanogpt.tasks.CoreTask"
+    path: str | None = valid(None, Exists())  # the DCLM eval bundle's folder: core.yaml, eval_meta_data.csv, eval_data/*.jsonl
+    limit: int | None = valid(None, POSITIVE)  # each task's first N rows after the reference's shuffle (nanochat's max_per_task)
+
+    RULES: ClassVar[list[Rule]] = [
+        ("set {prefix}path=<folder>: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/)", lambda c: c.path),
+    ]
+
+
+@dataclass
+class LmEvalConfig:
+    _target_: str = "nanogpt.tasks.LmEvalTask"
+    tasks: list[str] = valid(check=NotEmpty(), default_factory=list)  # lm-eval's task (or group) names: [hellaswag, arc_easy]
+    include_path: str | None = valid(None, Exists())  # a folder of your own task YAMLs
+    limit: int | None = valid(None, POSITIVE)  # each task's first N documents
+    num_fewshot: int | None = valid(None, NON_NEGATIVE)  # None: each task's own
+
+    RULES: ClassVar[list[Rule]] = [
+        ("name lm-eval's tasks: {prefix}tasks=[hellaswag,arc_easy] (your own YAMLs: {prefix}include_path=<folder>)",
+         lambda c: c.tasks),
+    ]
+
+
+@dataclass
 class EvalConfig:
     tasks: dict[str, Any] = field(default_factory=dict)  # by name, chosen in the eval group: eval=[bpb,hellaswag]
     interval: int = valid(0, NON_NEGATIVE)  # in training: every this many iterations and at the end; 0: never
+    ema: bool = False  # in training: the EMA weights scored too (ema_decay > 0), as <task>/<metric>_ema
     batch_size: int = valid(16, POSITIVE)  # sequences a forward pass
     cache_dir: str = "~/.cache/nanogpt/eval"  # downloaded task files
 
 
 @dataclass
+class SpikeConfig:
+    """The training-loss spike monitor (nanogpt/spikes.py): a loss above mean + sigma x std of
+    the last `window` losses of its rank is a spike."""
+
+    policy: str = valid("off", OneOf("off", "warn", "skip", "rollback"))  # skip/rollback read the loss every step (a sync)
+    window: int = valid(128, Range(2))  # iterations; nothing is judged until it is full (OLMo-core's 128)
+    sigma: float = valid(6.0, POSITIVE)  # OLMo-core's 6
+    max_rollbacks: int = valid(3, NON_NEGATIVE)  # rollback: one more spike after these stops the run
+
+
+@dataclass
 class TrainConfig:
     model: Any = MISSING  # GPTConfig, or a user model's config dataclass
-    data: DataConfig = MISSING
+    data: BatchesConfig = MISSING  # DataConfig (one folder) or MixConfig (a mixture)
     optim: Any = MISSING  # AdamWConfig or MuonConfig
     schedule: Any = MISSING  # CosineScheduleConfig or WSDScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -216,6 +337,9 @@ class TrainConfig:
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
     transfer_from: str | None = None  # an Optuna search's folder: its best parameters, set before the command's (nanogpt.transfer)
     max_iters: int = valid(2000, NON_NEGATIVE)
+    # a run's length as a compute budget (docs/scaling.md): either one sets max_iters from the model's size
+    tokens_per_param: float | None = valid(None, POSITIVE)  # train on this many tokens per parameter N (Chinchilla: ~20)
+    flops_budget: float | None = valid(None, POSITIVE)  # train for this many FLOPs (6N + attention per token)
     gradient_accumulation_steps: int = valid(1, POSITIVE)  # global micro-steps per iteration, divided among ranks
     grad_clip: float = valid(1.0, NON_NEGATIVE)  # 0 disables clipping
     eval_interval: int = valid(250, POSITIVE)
@@ -225,18 +349,30 @@ class TrainConfig:
     log_interval: int = valid(10, POSITIVE)
     always_save_checkpoint: bool = True  # False: also keep best.pt, the weights of the best val loss
     nan_policy: str = valid("stop", OneOf("stop", "skip"))  # what a non-finite loss or gradient norm does
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # what a finite loss spike does: off | warn | skip | rollback
+    keep_checkpoints: int = valid(1, POSITIVE)  # the last K checkpoints, e.g. to average them (nanogpt.checkpoint average)
+    ema_decay: float = valid(0.0, PROBABILITY)  # 0: off; e.g. 0.999: an EMA of the weights over ~1000 iterations
+    ema_start: int = valid(0, NON_NEGATIVE)  # the iteration the EMA starts at, from the weights then
+    weights: str = valid("raw", OneOf("raw", "ema"))  # init_from's weights: as trained, or their EMA (a run's ema_decay)
     extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: targets a run folder names may import them
 
     RULES: ClassVar[list[Rule]] = [
         ("model.parametrization=mup scales Adam-type updates (optim=adamw or your own); Muon's orthogonalised "
          "updates need another width rule, not implemented (docs/mup.md)",
          lambda c: getattr(c.model, "parametrization", "sp") != "mup" or getattr(c.optim, "_target_", "") != MuonConfig._target_),
+        ("eval.ema=true scores the EMA weights: set ema_decay > 0", lambda c: not c.eval.ema or c.ema_decay > 0),
+        ("tokens_per_param and flops_budget both set the run's length: set one",
+         lambda c: c.tokens_per_param is None or c.flops_budget is None),
+        ("schedule.lr_decay_iters ({c.schedule.lr_decay_iters}) differs from max_iters: a budgeted run's schedule ends "
+         "with the run, set by tokens_per_param or flops_budget; drop schedule.lr_decay_iters",
+         lambda c: (c.tokens_per_param is None and c.flops_budget is None) or c.schedule.lr_decay_iters == c.max_iters),
     ]
 
 
 @dataclass
 class SampleConfig:
     init_from: str | None = None  # a run folder, a checkpoint, gpt2* or an HF folder; None: the newest run (not a debug run)
+    weights: str = valid("raw", OneOf("raw", "ema"))  # the run's weights as trained, or their EMA (ema_decay)
     start: str = valid("\n", Exists(prefix="FILE:", file=True))  # the prompt, or FILE:path to read it from a file
     prompts_file: str | None = valid(None, Exists(file=True))  # instead of start: one prompt a line, each with num_samples samples
     num_samples: int = valid(3, POSITIVE)  # per prompt, decoded as one batch
@@ -262,6 +398,7 @@ SCHEMAS = {
     "sample_schema": SampleConfig,
     "model_schema": GPTConfig,
     "data_schema": DataConfig,
+    "mix_schema": MixConfig,
     "adamw_schema": AdamWConfig,
     "muon_schema": MuonConfig,
     "cosine_schema": CosineScheduleConfig,
@@ -271,6 +408,8 @@ SCHEMAS = {
     "tensorboard_schema": TensorBoardConfig,
     "bpb_schema": BitsPerByteConfig,
     "choice_task_schema": ChoiceTaskConfig,
+    "core_schema": CoreConfig,
+    "lm_eval_schema": LmEvalConfig,
 }
 
 

@@ -32,9 +32,11 @@ from nanogpt.tokenizer import tokenizer_from_meta
 log = logging.getLogger("nanogpt")
 
 
-def train_batches(loader, start_iter: int, overfit: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's micro-batches from start_iter on; overfit: iteration 0's, again and again."""
-    return _first_iteration_repeated(loader) if overfit else loader.train_batches(start_iter)
+def train_batches(loader, start_iter: int, overfit: bool,
+                  skipped: list[list[int]] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's micro-batches from start_iter on (past the windows rollbacks skipped);
+    overfit: iteration 0's, again and again."""
+    return _first_iteration_repeated(loader) if overfit else loader.train_batches(start_iter, skipped)
 
 
 def _first_iteration_repeated(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

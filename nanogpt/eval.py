@@ -3,6 +3,7 @@
     python -m nanogpt.eval init_from=gpt2 eval=[hellaswag]
     python -m nanogpt.eval init_from=outputs/2026-12-02/10-00-00 eval=[bpb,hellaswag] eval.tasks.hellaswag.limit=500
     python -m nanogpt.eval init_from=gpt2 eval=[bpb] data=openwebtext system=cpu_fast
+    python -m nanogpt.eval init_from=outputs/2026-12-02/10-00-00 weights=ema eval=[bpb]   # its EMA weights
     torchrun --standalone --nproc_per_node=2 -m nanogpt.eval init_from=gpt2 eval=[hellaswag]
 
 The config is the training config's (conf/evaluate.yaml includes conf/config.yaml): `data` is
@@ -22,6 +23,7 @@ from nanogpt.checkpoint import find_newest_run, load_model
 from nanogpt.cli import job, run_cli
 from nanogpt.config import BitsPerByteConfig, TrainConfig, build, to_train_config
 from nanogpt.data import split_streams
+from nanogpt.datafolder import load_meta
 from nanogpt.device import autocast, resolve_device
 from nanogpt.errors import UserError
 from nanogpt.evaluation import Evaluator
@@ -43,14 +45,15 @@ def evaluate(config: TrainConfig, out_dir: Path | None) -> dict:
         source = config.init_from if config.init_from != "scratch" else find_newest_run(Path("outputs"))
         if source is None:
             raise UserError("no runs with a checkpoint under outputs/: pass init_from=<run | checkpoint | gpt2*>")
-        model, trained_on = load_model(str(source), config.model, trusted_names(config))
+        model, trained_on = load_model(str(source), config.model, config.weights, trusted_names(config))
         meta = trained_on or {"tokenizer": "gpt2"}  # GPT-2 and Hugging Face weights: GPT-2's BPE
         model.to(device)
         evaluator = Evaluator(config.eval, tokenizer_from_meta(meta), model.config.vocab_size, model.config.block_size,
                               data_streams(config, meta, dist), dist)
         t0 = time.perf_counter()
         scores = evaluator(model, device, autocast(device, dtype))
-        result = {"init_from": str(source), "scores": scores, "counts": evaluator.counts, "seconds": time.perf_counter() - t0,
+        result = {"init_from": str(source), "weights": config.weights, "scores": scores, "counts": evaluator.counts,
+                  "seconds": time.perf_counter() - t0,
                   "world_size": dist.world_size, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     finally:
         distributed.teardown()
@@ -75,7 +78,7 @@ def data_streams(config: TrainConfig, meta: dict, dist: distributed.DistInfo) ->
             f"bpb reads {data.path}, whose vocabulary ({data.meta['tokenizer']}) is not the model's "
             f"({meta['tokenizer']}): choose data the model's tokenizer made, e.g. data=shakespeare for GPT-2"
         )
-    return split_streams(data.path, data.meta)
+    return split_streams(data.path, load_meta(data.path))  # a mixture's data.path: its first source's folder
 
 
 def format_scores(scores: dict[str, float]) -> str:

@@ -17,57 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nanogpt import distributed
 from nanogpt.config import EvalConfig, build
 from nanogpt.errors import UserError
+from nanogpt.scoring import mean_loss, pass_count, score_examples, token_losses
 from nanogpt.shards import TokenStream
-from nanogpt.errors import UserError
-from nanogpt.tasks import BitsPerByteTask, ChoiceTask, Rendered
+from nanogpt.tasks import BitsPerByteTask, ChoiceTask, CoreExample, CoreSubtask, CoreTask, LmEvalTask, Rendered
 from nanogpt.tokenizer import Tokenizer
 
 log = logging.getLogger("nanogpt")
-
-
-@torch.no_grad()
-def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, T) cross-entropy of each target in y (0 where y is -1), in fp32 or better."""
-    logits, _ = model(x, y)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
-
-
-def score_rows(model: torch.nn.Module, rows: list[tuple[np.ndarray, int]], batch_size: int, device: torch.device,
-               ctx, batches: int = 0) -> list[tuple[float, int]]:
-    """(summed loss, token count) over tokens[start:] of each row (tokens, start), batch_size rows a
-    forward pass, longest first; then empty passes up to `batches` in all. Rows are padded on the
-    right, which a causal model's earlier positions cannot see: padding changes no score."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    groups += [[]] * (batches - len(groups))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for group in groups:
-        width = max((len(rows[i][0]) - 1 for i in group), default=1)
-        x = torch.zeros(max(len(group), 1), width, dtype=torch.long)
-        y = torch.full_like(x, -1)
-        for j, i in enumerate(group):
-            tokens, start = rows[i]
-            x[j, : len(tokens) - 1] = torch.from_numpy(tokens[:-1])
-            y[j, start - 1 : len(tokens) - 1] = torch.from_numpy(tokens[start:])
-        with ctx:
-            losses = token_losses(model, x.to(device), y.to(device))
-        sums, counts = losses.sum(1).tolist(), (y >= 0).sum(1).tolist()
-        for j, i in enumerate(group):
-            out[i] = (sums[j], counts[j])
-    return out
-
-
-def pass_count(local: int, dist: distributed.DistInfo, device: torch.device) -> int:
-    """The most forward passes any rank needs: what every rank runs."""
-    n = torch.tensor(local, device=device)
-    distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    return int(n.item())
 
 
 @dataclass
@@ -89,12 +48,11 @@ class ChoiceResult:
 def multiple_choice(model: torch.nn.Module, rendered: list[Rendered | None], batch_size: int, device: torch.device,
                     ctx, dist: distributed.DistInfo) -> ChoiceResult:
     """Score every choice of this rank's share of the examples (None: not scorable, counted as
-    skipped); acc and acc_norm over all ranks."""
+    skipped), each context read once; acc and acc_norm over all ranks."""
     mine = [i for i in range(dist.rank, len(rendered), dist.world_size) if rendered[i] is not None]
-    rows = [(tokens, start) for i in mine for tokens, start in zip(rendered[i].rows, rendered[i].starts)]
-    passes = pass_count(math.ceil(len(rows) / batch_size), dist, device)
-    flat = iter(score_rows(model, rows, batch_size, device, ctx, passes))
-    scores = {i: [next(flat) for _ in rendered[i].rows] for i in mine}
+    examples = [(list(zip(rendered[i].rows, rendered[i].starts)), rendered[i].cut) for i in mine]
+    scored = score_examples(model, examples, batch_size, device, ctx, dist)
+    scores = {i: [(s.loss, s.tokens) for s in choice_scores] for i, choice_scores in zip(mine, scored)}
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     for i, choice_scores in scores.items():
         sums = [s for s, _ in choice_scores]
@@ -106,6 +64,55 @@ def multiple_choice(model: torch.nn.Module, rendered: list[Rendered | None], bat
     distributed.all_reduce(totals)
     correct, correct_norm, examples, skipped, cut = (int(v) for v in totals.tolist())
     return ChoiceResult(correct, correct_norm, examples, skipped, cut, scores)
+
+
+@dataclass
+class CoreResult:
+    """CORE over all ranks: each task's accuracy and its accuracy centred on chance, and this
+    rank's decisions."""
+
+    accuracy: dict[str, float]  # by task label
+    centered: dict[str, float]  # (acc - 0.01 x baseline) / (1 - 0.01 x baseline)
+    counts: dict[str, dict[str, int]]  # examples, correct, cut
+    # label -> example index -> the option of lowest mean loss (multiple choice, schema), or
+    # whether greedy decoding reproduced the continuation (language modelling)
+    picked: dict[str, dict[int, int | bool]]
+
+    @property
+    def core(self) -> float:
+        return sum(self.centered.values()) / len(self.centered)
+
+    def metrics(self, name: str) -> dict[str, float]:
+        return {name: self.core} | {f"{name}/{label}": v for label, v in self.centered.items()}
+
+
+def core(model: torch.nn.Module, subtasks: list[CoreSubtask], rendered: list[list[CoreExample]], batch_size: int,
+         device: torch.device, ctx, dist: distributed.DistInfo) -> CoreResult:
+    """Score this rank's share of every CORE example (all tasks' examples, strided over ranks) as
+    nanochat does: multiple choice and schema pick the option of lowest mean loss over its scored
+    tokens; language modelling is right when greedy decoding reproduces the continuation."""
+    mine = [(t, i) for t, examples in enumerate(rendered) for i in range(len(examples))][dist.rank :: dist.world_size]
+    examples = [rendered[t][i] for t, i in mine]
+    scored = score_examples(model, [(ex.rows, ex.cut) for ex in examples], batch_size, device, ctx, dist)
+    totals = torch.zeros(len(subtasks), 3, dtype=torch.float64, device=device)  # correct, examples, cut
+    picked: dict[str, dict[int, int | bool]] = {sub.label: {} for sub in subtasks}
+    for (t, i), ex, scores in zip(mine, examples, scored):
+        if ex.gold < 0:
+            choice = correct = scores[0].greedy
+        else:
+            means = [mean_loss(s) for s in scores]
+            choice = means.index(min(means))
+            correct = choice == ex.gold
+        picked[subtasks[t].label][i] = choice
+        totals[t] += torch.tensor([correct, 1, ex.cut], dtype=torch.float64, device=device)
+    distributed.all_reduce(totals)
+    accuracy, centered, counts = {}, {}, {}
+    for sub, (correct, n, cut) in zip(subtasks, totals.tolist()):
+        accuracy[sub.label] = correct / n
+        chance = 0.01 * sub.baseline
+        centered[sub.label] = (accuracy[sub.label] - chance) / (1.0 - chance)
+        counts[sub.label] = {"examples": int(n), "correct": int(correct), "cut": int(cut)}
+    return CoreResult(accuracy, centered, counts, picked)
 
 
 def bits_per_byte(model: torch.nn.Module, stream: TokenStream, token_bytes: torch.Tensor, tokens: int, block_size: int,
@@ -134,15 +141,15 @@ def bits_per_byte(model: torch.nn.Module, stream: TokenStream, token_bytes: torc
 
 
 class Evaluator:
-    """The eval group's tasks for one model: files fetched (rank 0 first) and examples rendered
-    at start-up, so a missing file stops a run before iteration 0; run on demand."""
+    """The eval group's tasks for one model: files fetched (rank 0 first), examples rendered and
+    lm-eval's tasks loaded at start-up, so a missing file stops a run before iteration 0; run on demand."""
 
     def __init__(self, config: EvalConfig, tokenizer: Tokenizer, vocab_size: int, block_size: int,
                  streams: dict[str, TokenStream], dist: distributed.DistInfo):
-        self.config, self.block_size, self.streams, self.dist = config, block_size, streams, dist
+        self.config, self.tokenizer, self.block_size, self.streams, self.dist = config, tokenizer, block_size, streams, dist
         self.counts: dict[str, dict[str, int]] = {}  # the last run's examples, skipped and cut, by task
         self.tasks = {name: build(c, name=name, cache_dir=config.cache_dir) for name, c in config.tasks.items()}
-        choice_tasks = {name: t for name, t in self.tasks.items() if not isinstance(t, BitsPerByteTask)}
+        choice_tasks = {name: t for name, t in self.tasks.items() if not isinstance(t, (BitsPerByteTask, CoreTask, LmEvalTask))}
         for name, task in choice_tasks.items():  # a task of one's own: ChoiceTask's examples() and render()
             if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "render", None))):
                 raise UserError(f"eval.tasks.{name}._target_={config.tasks[name]._target_} built a {type(task).__name__}, "
@@ -152,26 +159,45 @@ class Evaluator:
                 getattr(task, "fetch", lambda: None)()
         distributed.broadcast_object(None, dist)
         self.rendered = {name: render_all(t, tokenizer, block_size) for name, t in choice_tasks.items()}
+        self.core = {}  # CORE tasks: their subtasks and each one's examples as tokens
+        for name, task in self.tasks.items():
+            if isinstance(task, CoreTask):
+                subtasks = task.subtasks()
+                self.core[name] = subtasks, [task.render(sub, tokenizer, block_size) for sub in subtasks]
+            elif isinstance(task, LmEvalTask):
+                task.load(tokenizer)
         if any(isinstance(t, BitsPerByteTask) for t in self.tasks.values()):  # bpb only: a fraction of a second for GPT-2
             padding = (0, max(vocab_size - tokenizer.vocab_size, 0))
             self.token_bytes = torch.from_numpy(np.pad(tokenizer.token_bytes(), padding))
 
     def __call__(self, model: torch.nn.Module, device: torch.device, ctx) -> dict[str, float]:
-        """Every task's metrics, named <task>/<metric> (bpb: the task's name)."""
+        """Every task's metrics, named <task>/<metric> (bpb: the task's name; CORE: the task's
+        name, and <task>/<label> each of its tasks' centred accuracy)."""
         was_training = model.training
         model.eval()
-        out = {}
+        out, batch_size = {}, self.config.batch_size
         for name, task in self.tasks.items():
             if isinstance(task, BitsPerByteTask):
                 c = task.config
                 out[name], _ = bits_per_byte(model, self.streams[c.split], self.token_bytes.to(device), c.tokens,
-                                             self.block_size, self.config.batch_size, device, ctx, self.dist)
-            else:
-                result = multiple_choice(model, self.rendered[name], self.config.batch_size, device, ctx, self.dist)
+                                             self.block_size, batch_size, device, ctx, self.dist)
+            elif isinstance(task, ChoiceTask):
+                result = multiple_choice(model, self.rendered[name], batch_size, device, ctx, self.dist)
                 out |= result.metrics(name)
                 self.counts[name] = {"examples": result.examples, "skipped": result.skipped, "cut": result.cut}
                 log.info(f"{name}: {result.examples} examples scored, {result.skipped} skipped (outside the "
                          f"vocabulary), {result.cut} cut from the left to the block of {self.block_size} tokens")
+            elif isinstance(task, CoreTask):
+                core_result = core(model, *self.core[name], batch_size, device, ctx, self.dist)
+                out |= core_result.metrics(name)
+                for label, counts in core_result.counts.items():
+                    self.counts[f"{name}/{label}"] = counts
+                    log.info(f"{name}: {label} accuracy {core_result.accuracy[label]:.4f}, centred "
+                             f"{core_result.centered[label]:.4f} ({counts['examples']} examples, {counts['cut']} cut)")
+            else:
+                from nanogpt import harness  # lm-eval is imported only when used
+
+                out |= harness.evaluate(task, model, self.tokenizer, batch_size, device, ctx, self.dist)
         model.train(was_training)
         return out
 

@@ -1,6 +1,6 @@
 """A run as a Hugging Face GPT-2 folder, which `transformers.GPT2LMHeadModel.from_pretrained` opens.
 
-    python -m nanogpt.export <run folder | checkpoint> <out folder>
+    python -m nanogpt.export <run folder | checkpoint> <out folder> [--weights ema]
 
 Writes config.json, model.safetensors and the run's tokenizer: GPT-2's own files (vocab.json,
 merges.txt) for the GPT-2 BPE, a tokenizer.json for a BPE trained on the data (data.tokenizer=bpe),
@@ -114,11 +114,11 @@ def trained_tokenizer_files(meta: dict, block_size: int) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in (Path(tmp) / "out").iterdir()}
 
 
-def export(run: Path, out: Path) -> tuple[list[str], str | None]:
-    """Write the run's model into out as a Hugging Face GPT-2 folder; return the files written
-    and, when no tokenizer files are among them, why."""
+def export(run: Path, out: Path, weights: str = "raw") -> tuple[list[str], str | None]:
+    """Write the run's model (weights="ema": with the EMA of its weights) into out as a Hugging
+    Face GPT-2 folder; return the files written and, when no tokenizer files are among them, why."""
     try:
-        model, meta = checkpoint_model(Path(run))  # nanogpt's GPT only: another class has no GPT-2 form
+        model, meta = checkpoint_model(Path(run), weights)  # nanogpt's GPT only: another class has no GPT-2 form
     except NotTrusted as e:
         raise UserError(f"cannot export {run} as GPT-2: its model is {e.target}, not nanogpt's GPT") from None
     model = model.as_sp()  # muP's multipliers folded into the weights: GPT-2 has none
@@ -163,9 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanogpt.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run folder (its best.pt, else ckpt.pt) or a checkpoint file")
     parser.add_argument("out", type=Path, help="the folder to write; created if needed")
+    parser.add_argument("--weights", choices=["raw", "ema"], default="raw",
+                        help="the weights as trained (raw) or their EMA (a run trained with ema_decay > 0)")
     args = parser.parse_args(argv)
     try:
-        written, note = export(args.run, args.out)
+        written, note = export(args.run, args.out, args.weights)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

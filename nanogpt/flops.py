@@ -1,9 +1,53 @@
-"""Peak throughput, the denominator of MFU: a GPU's published peak, or a matmul measured here."""
+"""FLOPs, in one place: a model's size and training FLOPs per token (the numerator of MFU, the
+unit of a compute budget), and a device's peak throughput (the denominator of MFU).
 
+The count is structural, so it holds for any nn.Module: N = params_non_embedding(model) is every
+weight matrix that multiplies activations (every Linear, the LM head included and counted once
+when tied to the token embedding), never an embedding lookup, a bias or a norm's gain. Training
+FLOPs per token = 6N (forward 2N, backward 4N) + 12 x n_layer x n_embd x block_size for attention's
+two T x T matmuls (PaLM appendix B; nanoGPT's estimate_mfu, nanochat's estimate_flops). Softmax,
+norms and other elementwise work are not counted. tests/test_flops.py checks the total against
+torch's FlopCounterMode for every model preset.
+"""
+
+import math
 import time
 from functools import lru_cache
 
 import torch
+from torch import nn
+
+from nanogpt.errors import UserError
+
+
+def params(model: nn.Module) -> int:
+    """Every parameter, a tied one counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_non_embedding(model: nn.Module) -> int:
+    """N: the weight matrices that multiply activations: every parameter of 2 or more dimensions
+    held by a module other than an embedding lookup (a tied LM head counts, once)."""
+    matrices = {id(p): p for m in model.modules() if not isinstance(m, nn.Embedding)
+                for p in m.parameters(recurse=False) if p.dim() >= 2}
+    return sum(p.numel() for p in matrices.values())
+
+
+def attention_flops_per_token(config) -> int:
+    """Training FLOPs per token of attention's scores and weighted sum, from the model's config:
+    per layer, forward 2 x 2 x n_embd x T, backward twice that."""
+    return 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def flops_per_token(model: nn.Module) -> int:
+    """Training (forward + backward) FLOPs per token at the model's full context: a model's own
+    count when it has one (the model protocol's optional flops_per_token()), else 6N plus
+    attention's, or 6N alone for a config without n_embd."""
+    own = getattr(model, "flops_per_token", None)
+    if own is not None:
+        return own()
+    attention = attention_flops_per_token(model.config) if hasattr(model.config, "n_embd") else 0
+    return 6 * params_non_embedding(model) + attention
 
 # published dense bf16 tensor-core peaks, FLOP/s, by device-name fragment (most specific first)
 GPU_PEAK_BF16 = [
@@ -76,3 +120,29 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
         reps += 1
         sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def budget_iters(*, params_non_embedding: int, flops_per_token: int, tokens_per_iter: int,
+                 tokens_per_param: float | None = None, flops_budget: float | None = None) -> int:
+    """max_iters of a compute budget: its tokens (tokens_per_param x N, or flops_budget / FLOPs
+    per token) over an iteration's tokens, rounded to the nearest. A budget short of one
+    iteration is refused, naming the smallest budget that works."""
+    if tokens_per_param is not None:
+        key, value = "tokens_per_param", tokens_per_param
+        iters, one_iter = tokens_per_param * params_non_embedding / tokens_per_iter, tokens_per_iter / params_non_embedding
+    else:
+        key, value = "flops_budget", flops_budget
+        iters, one_iter = flops_budget / (flops_per_token * tokens_per_iter), flops_per_token * tokens_per_iter
+    if iters < 1:
+        raise UserError(
+            f"{key}={value:g} is less than one iteration ({tokens_per_iter:,} tokens, "
+            f"{flops_per_token * tokens_per_iter:.3g} FLOPs) of this model ({params_non_embedding:,} parameters N): "
+            f"the smallest budget that works is {key}={_round_up(one_iter):g}"
+        )
+    return math.floor(iters + 0.5)
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """x rounded up to `digits` significant digits: a budget printed this way is never short."""
+    step = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / step) * step

@@ -3,6 +3,7 @@
 Pure PyTorch: this file knows nothing about Hydra, files or training. Defaults are GPT-2's.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), rotary embeddings (Su et al. 2021),
 QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2),
+document masking (doc_mask: attention within each document of a packed window, as Llama 3),
 the maximal-update parametrization (muP: Yang et al. 2022, Tensor Programs V; docs/mup.md).
 """
 
@@ -14,6 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nanogpt.checks import NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Rule, check, valid
 from nanogpt.dropout import Dropout
@@ -26,9 +28,9 @@ class GPTConfig:
     block_size: int = valid(1024, POSITIVE)  # longest context the model attends over
     vocab_size: int | None = valid(None, POSITIVE)  # None: taken from the data's vocabulary
     vocab_pad_multiple: int = valid(1, POSITIVE)  # pad the vocabulary to a multiple of this (64: GPT-2's 50304, faster matmuls)
-    n_layer: int = valid(12, POSITIVE)
-    n_head: int = valid(12, POSITIVE)
-    n_embd: int = valid(768, POSITIVE)
+    n_layer: int | None = valid(12, POSITIVE)  # None: set by depth
+    n_head: int | None = valid(12, POSITIVE)
+    n_embd: int | None = valid(768, POSITIVE)
     dropout: float = valid(0.0, PROBABILITY)
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a little better and faster
     activation: str = valid("gelu", OneOf("gelu", "gelu_tanh", "relu2"))  # gelu: exact (nanoGPT); gelu_tanh: Hugging Face GPT-2's
@@ -39,6 +41,11 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
     logit_softcap: float = valid(0.0, NON_NEGATIVE)  # >0: logits = c * tanh(logits / c)
     zero_init_proj: bool = False  # output projections (and an untied head) start at zero: blocks begin as the identity
+    # the depth dial (model=depth, nanochat's --depth): one number sizes the model, the other keys still apply
+    depth: int | None = valid(None, POSITIVE)  # n_layer = depth, n_embd = depth x aspect_ratio rounded up to head_dim's multiple
+    aspect_ratio: int | None = valid(None, POSITIVE)  # with depth: width per layer (model=depth: 64)
+    head_dim: int | None = valid(None, POSITIVE)  # with depth: channels per head, n_head = n_embd / head_dim (model=depth: 64)
+    doc_mask: bool = False  # the trainer feeds each token's place in its document: attention within documents only
     parametrization: str = valid("sp", OneOf("sp", "mup"))  # sp: GPT-2's; mup: rates tuned at mup_base_width transfer (docs/mup.md)
     mup_base_width: int | None = valid(None, POSITIVE)  # the width at which muP is SP; None: this n_embd
     mup_zero_readout: bool = False  # muP: the untied LM head starts at zero (microsoft/mup's usual choice)
@@ -46,9 +53,12 @@ class GPTConfig:
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
     RULES: ClassVar[list[Rule]] = [
-        ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})", lambda c: c.n_embd % c.n_head == 0),
+        ("{prefix}n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})",
+         lambda c: None in (c.n_embd, c.n_head) or c.n_embd % c.n_head == 0),
+        ("{prefix}aspect_ratio and head_dim size a model by its depth: set {prefix}depth too (model=depth)",
+         lambda c: c.depth is not None or (c.aspect_ratio is None and c.head_dim is None)),
         ("{prefix}mup_base_width ({c.mup_base_width}) must be divisible by n_head ({c.n_head}): muP's base head size",
-         lambda c: c.mup_base_width is None or c.mup_base_width % c.n_head == 0),
+         lambda c: None in (c.mup_base_width, c.n_head) or c.mup_base_width % c.n_head == 0),
         ("{prefix}mup_base_width and mup_zero_readout are muP's: set {prefix}parametrization=mup",
          lambda c: c.parametrization == "mup" or (c.mup_base_width is None and not c.mup_zero_readout)),
         ("{prefix}mup_zero_readout=true zeroes the LM head, which tied embeddings share with the token embedding: "
@@ -65,8 +75,26 @@ class GPTConfig:
     def __post_init__(self):
         try:
             check(self, "model.")
+            if self.depth is not None:
+                self._size_by_depth()
+            unset = [k for k in ("n_layer", "n_head", "n_embd") if getattr(self, k) is None]
+            if unset:
+                raise UserError(f"model.{unset[0]} is not set: set it, or size the model with model.depth")
+            check(self, "model.")
         except UserError as e:
             raise ValueError(str(e)) from None  # a constructor's bad argument
+
+    def _size_by_depth(self) -> None:
+        """n_layer, n_embd and n_head from depth (written here, once); each must be unset or agree."""
+        if self.aspect_ratio is None or self.head_dim is None:
+            raise UserError("model.depth needs model.aspect_ratio and model.head_dim (model=depth sets both to 64)")
+        width = math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
+        for key, value in {"n_layer": self.depth, "n_embd": width, "n_head": width // self.head_dim}.items():
+            given = getattr(self, key)
+            if given is not None and given != value:
+                raise UserError(f"model.depth={self.depth} sets model.{key}={value}, so model.{key}={given} conflicts: "
+                                "set the depth or the shape, not both (model=depth leaves the shape to depth)")
+            setattr(self, key, value)
 
 
 def padded_vocab_size(config: GPTConfig, data_vocab_size: int) -> int:
@@ -115,6 +143,23 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def document_mask(positions: torch.Tensor, flex: bool = False):
+    """Which keys each query sees when a window holds several documents: itself and the earlier
+    tokens of its own document; a document starts where its position (B, T) is 0. A block-diagonal
+    causal mask (B, 1, T, T) for scaled_dot_product_attention; flex: a flex_attention BlockMask,
+    whose kernel skips the blocks no query of a document sees (fast on CUDA under torch.compile)."""
+    docs = (positions == 0).cumsum(1)  # (B, T): each token's document
+    B, T = positions.shape
+    if flex:
+
+        def same_document(b, h, q, kv):
+            return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+        return create_block_mask(same_document, B, None, T, T, device=positions.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -134,7 +179,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = make_norm(config, head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, head_dim) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0,
+                positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """positions (B, T) and mask (document_mask's): tokens of one document attend to each other only."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -142,22 +189,28 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        positions = cache.positions(T) if cache is not None else None
+        positions = cache.positions(T) if cache is not None else positions
         if self.rotary is not None:
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         if cache is not None:
             k, v, visible = cache.update(layer, k, v)  # every cached token: (B, nh, L, hs); (B, 1, T, L)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+        elif isinstance(mask, BlockMask):  # documents, on CUDA under torch.compile: only their blocks computed
+            y = flex_attention(q, k, v, block_mask=mask, scale=self.scale)
         elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
-            causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            if mask is None:
+                causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+            else:  # documents: -inf outside each one's causal block
+                causal = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
             att = ((q * (self.scale or 1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
         else:
             # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=True, scale=self.scale
+                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=mask is None,
+                scale=self.scale,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -188,8 +241,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, layer: int = 0,
+                positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, positions, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -297,27 +351,26 @@ class GPT(nn.Module):
                     t.mul_(1.0 / math.sqrt(m))
         return sp
 
-    def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count, a tied head counted once. non_embedding drops the position embedding,
-        as nanoGPT does; the token embedding stays since it is the (tied) head."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None,
+                positions: torch.Tensor | None = None):
         """idx (B, T) -> (logits, loss). With a cache, idx follows the tokens cached so far: their
-        keys and values are attended over, and idx's are appended (sampling)."""
+        keys and values are attended over, and idx's are appended (sampling). With doc_mask,
+        positions (B, T) is each token's place in its document (0 where one starts): a window of
+        several documents runs as each of them alone would."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        mask = None
+        if positions is not None:  # flex_attention has no dropout: SDPA with the dense mask then
+            flex = positions.is_cuda and torch.compiler.is_compiling() and not (self.training and self.config.dropout)
+            mask = document_mask(positions, flex)
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if "wpe" in self.transformer:
-            positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
-            x = x + self.transformer.wpe(positions)  # (T or B x T, n_embd), broadcast
+            own = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)
+            x = x + self.transformer.wpe(own if positions is None else positions)  # (T or B x T, n_embd), broadcast
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, positions, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.lengths += T
@@ -355,16 +408,6 @@ class GPT(nn.Module):
             if block.attn.rotary is not None:
                 block.attn.rotary.cos = block.attn.rotary.cos[:block_size]
                 block.attn.rotary.sin = block.attn.rotary.sin[:block_size]
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        return 6 * self.get_num_params() + 12 * L * H * Q * T
-
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
-        return self.flops_per_token() * tokens_per_second / peak_flops
 
 
 class KVCache:

@@ -121,21 +121,28 @@ def build_muon(c: MuonConfig, *, model: nn.Module, device_type: str) -> list[tor
     return [muon, adamw(model, rest, c, device_type)]
 
 
+def warmup_iters(c: CosineScheduleConfig | WSDScheduleConfig) -> int:
+    """The warmup's length: warmup_iters, or warmup_fraction of the schedule (a budgeted run's
+    length is known only at start-up)."""
+    return c.warmup_iters if c.warmup_fraction is None else round(c.warmup_fraction * c.lr_decay_iters)
+
+
 def cosine_schedule(c: CosineScheduleConfig, *, learning_rate: float) -> Callable[[int], float]:
     """nanoGPT's get_lr, as a multiplier of each group's peak rate."""
     floor = c.min_lr / learning_rate
+    warmup = warmup_iters(c)
 
     def lr_scale(it: int) -> float:
-        # 1) linear warmup for warmup_iters steps; (it + 1) so the first step does not get lr 0
-        if it < c.warmup_iters:
-            return (it + 1) / (c.warmup_iters + 1)
+        # 1) linear warmup for warmup steps; (it + 1) so the first step does not get lr 0
+        if it < warmup:
+            return (it + 1) / (warmup + 1)
         if not c.decay_lr:
             return 1.0
         # 2) past lr_decay_iters, the floor
         if it > c.lr_decay_iters:
             return floor
         # 3) in between, cosine decay from 1 down to the floor
-        ratio = (it - c.warmup_iters) / max(1, c.lr_decay_iters - c.warmup_iters)
+        ratio = (it - warmup) / max(1, c.lr_decay_iters - warmup)
         return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
 
     return lr_scale
@@ -146,10 +153,11 @@ def wsd_schedule(c: WSDScheduleConfig, *, learning_rate: float) -> Callable[[int
     last decay_fraction of lr_decay_iters (Hägele et al. 2024)."""
     decay_start = c.lr_decay_iters - int(c.decay_fraction * c.lr_decay_iters)
     floor = c.min_lr / learning_rate
+    warmup = warmup_iters(c)
 
     def lr_scale(it: int) -> float:
-        if it < c.warmup_iters:
-            return (it + 1) / (c.warmup_iters + 1)
+        if it < warmup:
+            return (it + 1) / (warmup + 1)
         if it < decay_start:
             return 1.0
         if it >= c.lr_decay_iters:

@@ -5,6 +5,9 @@
     python -m nanogpt.plot multirun/A multirun/B --x optim.learning_rate --by model.n_embd --out lr.png
                                 # final val loss against a swept key, a line per value of another, a panel per sweep
 
+A mixture's val loss per source (data=mix) is drawn beside the run's, and a sweep of mixtures
+gets val_loss_sources.png: a panel per source, a line per job.
+
 Figures are built with matplotlib's object API (Figure, no pyplot): no global state, no display
 needed (PNGs are rendered by Agg), and the functions return the figures so tests can read the
 plotted data back.
@@ -13,6 +16,7 @@ plotted data back.
 import argparse
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -21,7 +25,7 @@ from matplotlib.figure import Figure
 from nanogpt import stats
 from nanogpt.cells import Cell, group
 from nanogpt.errors import UserError
-from nanogpt.rundir import METRICS, read_metrics, task_scores
+from nanogpt.rundir import METRICS, read_metrics, source_losses, task_scores
 from nanogpt.runs import overrides
 from nanogpt.sweep import summarize
 
@@ -41,6 +45,8 @@ def run_figures(run_dir: Path) -> dict[str, Figure]:
         _line(ax, train, x, "loss", "train loss (batch)", alpha=0.5)
         _line(ax, evals, x, "train_loss", "train loss (eval)", marker="o")
         _line(ax, evals, x, "val_loss", "val loss", marker="o")
+        for key in dict.fromkeys(k for r in evals for k in source_losses(r)):  # a mixture's sources
+            _line(ax, evals, x, key, key.replace("val_loss/", "val loss: "), marker=".", linestyle="--")
         _style(ax, x, "loss")
     loss.axes[0].legend()
     _title(loss, run_dir, run_overrides)
@@ -57,15 +63,20 @@ def run_figures(run_dir: Path) -> dict[str, Figure]:
     return figures
 
 
-def scores_figure(curves: dict[str, list[dict]], folder: Path, title_overrides: list[str]) -> Figure:
-    """One panel per score of the tasks records against iterations, a line per curve (label ->
-    records: a run's, or each job's of a sweep)."""
-    names = list(dict.fromkeys(k for records in curves.values() for r in records for k in task_scores(r)))
-    fig = Figure(figsize=(4.5 * len(names), 4), layout="constrained")
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+def scores_figure(curves: dict[str, list[dict]], folder: Path, title_overrides: list[str],
+                  scores: Callable[[dict], dict] = task_scores) -> Figure:
+    """One panel per score of the records against iterations (the tasks records', or what
+    `scores` picks), a line per curve (label -> records: a run's, or each job's of a sweep)."""
+    names = list(dict.fromkeys(k for records in curves.values() for r in records for k in scores(r)))
+    cols = min(len(names), 4)  # CORE alone has 23 scores: rows of four panels
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.5 * cols, 4 * rows), layout="constrained")
+    for ax, name in zip(fig.subplots(rows, cols, squeeze=False).flat, names):
         for label, records in curves.items():
             _line(ax, records, "iter", name, label, marker="o")
         _style(ax, "iter", name)
+    for ax in fig.axes[len(names) :]:
+        ax.set_visible(False)
     if len(curves) > 1:
         fig.axes[0].legend(fontsize="small")
     _title(fig, folder, title_overrides)
@@ -92,6 +103,9 @@ def sweep_figures(sweep_dir: Path, over: list[str] | None = None) -> dict[str, F
     fig.axes[0].legend(fontsize="small")
     _title(fig, Path(sweep_dir), shared)
     figures = {"val_loss": fig}
+    evals = {labels[job]: [r for r in records[job] if r.get("kind") == "eval"] for job in jobs}
+    if any(source_losses(r) for curve in evals.values() for r in curve):  # each source of a mixture: a panel
+        figures["val_loss_sources"] = scores_figure(evals, Path(sweep_dir), shared, source_losses)
     tasks = {labels[job]: [r for r in records[job] if r.get("kind") == "tasks"] for job in jobs}
     if any(tasks.values()):
         figures["tasks"] = scores_figure(tasks, Path(sweep_dir), shared)

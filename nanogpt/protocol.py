@@ -18,7 +18,7 @@ The model: an nn.Module built as `Model(config)` from its config dataclass, with
 
 and, used when present: reset_buffers() (recompute non-persistent buffers after FSDP builds
 the model on the meta device), crop_block_size(n) (a shorter model.block_size than a loaded
-checkpoint's), flops_per_token() (MFU; else 6 x parameters).
+checkpoint's), flops_per_token() (MFU and the FLOPs records; else nanogpt.flops counts).
 
 The builders, each called with its group's option (a dataclass, or an untyped option read by
 attribute) and keywords: see BUILDER_KEYWORDS. An optimizer builder returns one
@@ -145,12 +145,6 @@ def as_schedule(built, target: str) -> Callable[[int], float]:
     if not callable(built):
         raise UserError(f"schedule._target_={target} returned {type(built).__name__}, not a function of the iteration")
     return built
-
-
-def flops_per_token(model: nn.Module) -> float:
-    """Training FLOPs per token: the model's own count, else 6 x its parameters (Kaplan et al. 2020)."""
-    own = getattr(model, "flops_per_token", None)
-    return own() if own is not None else 6 * sum(p.numel() for p in model.parameters())
 
 
 def _accepts(fn, *args, **kwargs) -> bool:

@@ -117,11 +117,20 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+CARRIED = ("spikes", "last_spike")  # what status.json keeps whatever the status becomes: the run's loss spikes
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
+    carried = {k: v for k, v in read_status(run_dir).items() if k in CARRIED}
     write_json_atomic(
         Path(run_dir) / STATUS,
-        {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **extra},
+        {"status": status, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **carried, **extra},
     )
+
+
+def update_status(run_dir: Path, **fields) -> None:
+    """Add fields to status.json as it is (a running run's loss spikes)."""
+    write_json_atomic(Path(run_dir) / STATUS, {**read_status(run_dir), **fields, "time": time.time()})
 
 
 def read_status(run_dir: Path) -> dict:
@@ -138,9 +147,19 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, resume_iter: int | None = None):
         self.path = Path(run_dir) / METRICS
-        if resume_iter is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) <= resume_iter]
+        if resume_iter is not None:
+            self._cut(resume_iter)
+        self.file = open(self.path, "a")
+
+    def _cut(self, last_iter: int) -> None:
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _iter_of(line) <= last_iter]
             self.path.write_text("".join(line + "\n" for line in kept))
+
+    def rewind(self, last_iter: int) -> None:
+        """Drop the lines past last_iter, as a resume from there does (a loss spike's rollback)."""
+        self.file.close()
+        self._cut(last_iter)
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -171,9 +190,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def source_losses(record: dict) -> dict[str, float]:
+    """A mixture's val loss per source of an "eval" record: {"val_loss/<name>": loss}."""
+    return {k: v for k, v in record.items() if k.startswith("val_loss/")}
+
+
 def task_scores(record: dict) -> dict[str, float]:
-    """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm)."""
-    return {k: v for k, v in record.items() if k not in ("iter", "kind", "tokens", "train_time_s")}
+    """The scores of a "tasks" record (the eval group's metrics, e.g. bpb, hellaswag/acc_norm), not
+    its counters."""
+    return {k: v for k, v in record.items() if k not in ("iter", "kind", "tokens", "flops", "train_time_s")}
 
 
 def provenance() -> dict:

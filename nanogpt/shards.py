@@ -116,6 +116,15 @@ class TokenStream:
                 out[r] = self._crossing(int(starts[r]), length)
         return out
 
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The tokens at these stream positions, as int64 (one gather per shard)."""
+        out = np.empty(len(positions), dtype=np.int64)
+        shard = np.searchsorted(self.bounds, positions, side="right") - 1
+        for k in np.unique(shard):
+            at = shard == k
+            out[at] = self._tokens(k)[positions[at] - self.bounds[k]]
+        return out
+
     def _crossing(self, start: int, length: int) -> np.ndarray:
         parts, pos = [], start
         while pos < start + length:

@@ -4,7 +4,9 @@ their seed, built from the jobs' own files.
 Each job folder holds .hydra/overrides.yaml (what the job ran with), status.json (finished, failed
 with its error, interrupted, preempted) and metrics.jsonl (losses, speed, the eval group's scores).
 The summary is summary.csv in the sweep folder plus a printed table, best val loss first (or by
-any column: --sort hellaswag/acc_norm), with a column for each task metric's last value. Beside it
+any column: --sort hellaswag/acc_norm), with a column for each task metric's last value, each
+mixture source's final val loss (val_loss/<name>), the model's size and budget (from its start
+record) and the tokens and FLOPs it trained on. Beside it
 cells.csv: per cell (nanogpt.cells) n, means and 95% intervals, and against a baseline or a
 target the differences, p-values and times to the target. Both are written
 
@@ -15,6 +17,9 @@ target the differences, p-values and times to the target. Both are written
   into the first's cells.csv):
       python -m nanogpt.sweep multirun/2026-11-25/10-00-00 [--sort bpb]
       python -m nanogpt.sweep multirun/2026-11-25/10-00-00 --baseline "model.qk_norm=false" --target 3.28
+
+A sweep of budgeted runs (flops_budget, tokens_per_param) also gets its scaling laws at its end
+(nanogpt/scaling.py reads the summary).
 """
 
 import argparse
@@ -31,11 +36,13 @@ from omegaconf import DictConfig
 
 from nanogpt.cells import DEFAULT_METRIC, TO_TARGET, Comparison, compare, higher_is_better
 from nanogpt.errors import UserError
-from nanogpt.rundir import read_metrics, read_status, task_scores, write_status
+from nanogpt.rundir import read_metrics, read_status, source_losses, task_scores, write_status
 from nanogpt.runs import describe
 
 SUMMARY, CELLS = "summary.csv", "cells.csv"
-COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", "overrides", "error"]
+SIZE = ["params", "params_non_embedding", "flops_per_token", "tokens_per_param", "flops_budget"]  # its start record's
+COLUMNS = ["job", "status", "best_val_loss", "final_val_loss", "iters", "tokens_per_s", "wall_s", *SIZE, "tokens", "flops",
+           "overrides", "error"]
 
 _NO_ERROR = {  # what a status without an error message means
     "unknown": "no status.json: the job stopped before training (see its log)",
@@ -73,7 +80,10 @@ class SweepSummary(Callback):
 def write_pending() -> None:
     """Summarise the sweeps this process started and has not summarised yet. A comparison that
     does not fit the runs (a baseline naming no cell) is reported in a line, and the summary
-    written with less: without baseline, target and metric, then with the default cells."""
+    written with less: without baseline, target and metric, then with the default cells. A sweep
+    of budgeted runs also gets its scaling laws (nanogpt.scaling)."""
+    from nanogpt.scaling import after_sweep  # matplotlib's figures: loaded only at a sweep's end
+
     while _pending:
         sweep_dir, comparison = _pending.popitem()
         for how in (comparison, Comparison(over=comparison.over), Comparison()):
@@ -82,6 +92,9 @@ def write_pending() -> None:
                 break
             except UserError as e:
                 print(f"error: {e}; the summary is written without it", file=sys.stderr)
+        report = after_sweep(sweep_dir)  # scaling.json and scaling.png, when the jobs ran with a budget
+        if report:
+            print(report)
 
 
 def write_summary(sweep_dirs: list[Path], sort: str | None = None, comparison: Comparison = Comparison()) -> str:
@@ -137,18 +150,24 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     metrics = read_metrics(job_dir)
     evals = [m for m in metrics if m.get("kind") == "eval"]
     tasks = [m for m in metrics if m.get("kind") == "tasks"]
-    scores = task_scores(tasks[-1]) if tasks else {}
+    # the final val loss of each source of a mixture, then the last value of each task metric
+    scores = (source_losses(evals[-1]) if evals else {}) | (task_scores(tasks[-1]) if tasks else {})
     speed = [m["tokens_per_s"] for m in metrics if m.get("kind") == "train"]
+    start = next((m for m in reversed(metrics) if m.get("kind") == "start"), {})
+    spent = next((m for m in reversed(metrics) if "flops" in m), {})  # the last record: tokens and FLOPs trained
     end = time.time() if run.status == "running" else status.get("time", run.started)
     return {
         "job": str(job_dir.relative_to(sweep_dir)),
         "status": run.status,
         "best_val_loss": run.best_val_loss,
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "scores": scores,  # the last value of each task metric
+        "scores": scores,
         "iters": run.iters,
         "tokens_per_s": statistics.median(speed) if speed else None,
         "wall_s": round(end - run.started, 1),  # from the first start: a requeued job counts its wait
+        **{k: start.get(k) for k in SIZE},
+        "tokens": spent.get("tokens"),
+        "flops": spent.get("flops"),
         "overrides": run.overrides,
         "error": status.get("error") or _NO_ERROR.get(run.status, ""),
         "folder": job_dir,  # not columns: for the cells (nanogpt.cells)

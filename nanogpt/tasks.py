@@ -9,8 +9,13 @@ official rows ({"ctx", "endings", "label"}) are read with `format: hellaswag`.
 
 Each choice is scored as a completion: the tokens of the context, then those of `join + choice`,
 the loss taken over the choice's tokens only (build-nanogpt's and llm.c's HellaSwag scoring).
+
+CORE (DCLM's in-context tasks) is read from the DCLM eval bundle's own layout and rendered as
+nanochat's reference renders it (`nanochat/core_eval.py`, `scripts/base_eval.py`). An lm-eval task
+is lm-evaluation-harness's own: here its names are checked and its documents loaded at start-up.
 """
 
+import csv
 import hashlib
 import logging
 import os
@@ -24,9 +29,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import yaml
 
 from nanogpt import jsonl
-from nanogpt.config import BitsPerByteConfig, ChoiceTaskConfig
+from nanogpt.config import BitsPerByteConfig, ChoiceTaskConfig, CoreConfig, LmEvalConfig
 from nanogpt.errors import UserError
 from nanogpt.tokenizer import Tokenizer
 
@@ -192,6 +198,222 @@ def _label(value) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
     raise TypeError(f"label {value!r} is not the index of a choice")
+
+
+class LmEvalTask:
+    """Tasks of lm-evaluation-harness (`pip install -e '.[lmeval]'`), scored through its `LM`
+    interface (nanogpt/harness.py). Their names are checked and their documents loaded at
+    start-up; offline, a task YAML of include_path reads local files (dataset_path: json)."""
+
+    def __init__(self, config: LmEvalConfig, name: str, cache_dir: str):
+        self.config, self.name = config, name
+        self.manager = None  # lm-eval's TaskManager: its index of task YAMLs
+
+    def load(self, tokenizer: Tokenizer) -> None:
+        c, key = self.config, f"eval.tasks.{self.name}"
+        if tokenizer.eot_token is None:
+            raise UserError(f"eval task {self.name}: lm-eval's requests start from the end-of-text token, which the "
+                            "model's vocabulary (characters) lacks")
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise UserError(f"eval task {self.name} needs lm-evaluation-harness: pip install -e '.[lmeval]'") from None
+        manager = None
+        if c.include_path:  # lm-eval's own index takes ~10 s to build: skipped when the folder has every task
+            manager = TaskManager(include_path=c.include_path, include_defaults=False)
+        if manager is None or not all(manager.match_tasks([t]) for t in c.tasks):
+            manager = TaskManager(include_path=c.include_path)
+        unknown = [t for t in c.tasks if not manager.match_tasks([t])]
+        if unknown:
+            raise UserError(f"{key}.tasks: lm-eval has no task {unknown[0]!r} (its tasks: lm-eval ls tasks; your own "
+                            f"YAMLs: {key}.include_path=<folder>)")
+        try:
+            manager.load(list(c.tasks))  # reads the documents now: a missing file stops the run here
+        except Exception as e:  # lm-eval and datasets raise many kinds; the first line says which
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise UserError(f"eval task {self.name}: lm-eval cannot load {', '.join(c.tasks)}: {reason}") from None
+        self.manager = manager
+
+
+CORE_ROWS = {  # icl_task_type: the keys of its rows
+    "multiple_choice": '{"query": str, "choices": [str, ...], "gold": int}',
+    "schema": '{"context_options": [str, ...], "continuation": str, "gold": int}',
+    "language_modeling": '{"context": str, "continuation": str}',
+}
+
+
+@dataclass
+class CoreSubtask:
+    """One task of core.yaml, its rows shuffled as the reference shuffles them (and cut to limit)."""
+
+    label: str
+    kind: str  # icl_task_type: multiple_choice | schema | language_modeling
+    num_fewshot: int
+    delimiter: str  # between a context and its continuation
+    baseline: float  # the accuracy of chance, in percent (eval_meta_data.csv's "Random baseline")
+    rows: list[dict]
+
+
+@dataclass
+class CoreExample:
+    """One CORE example as token rows (tokens, index of the first scored token): the choices or
+    context options of multiple choice and schema, the one row of language modelling."""
+
+    rows: list[tuple[list[int], int]]
+    gold: int  # the right choice or context option; -1 for language modelling
+    cut: bool  # some row was longer than the block: cut from the left
+
+
+class CoreTask:
+    """CORE as nanochat computes it, from the DCLM eval bundle: a folder with core.yaml (icl_tasks:
+    label, dataset_uri, num_fewshot, icl_task_type, continuation_delimiter), eval_meta_data.csv
+    (Eval Task, Random baseline) and eval_data/<dataset_uri>. Every file is read and every row
+    checked at start-up."""
+
+    def __init__(self, config: CoreConfig, name: str, cache_dir: str):
+        self.config, self.name, self.folder = config, name, Path(config.path).expanduser()
+
+    def subtasks(self) -> list[CoreSubtask]:
+        spec, baselines = self.folder / "core.yaml", self.folder / "eval_meta_data.csv"
+        for f in (spec, baselines):
+            if not f.is_file():
+                raise UserError(f"eval task {self.name}: no {f.name} in eval.tasks.{self.name}.path={self.config.path} "
+                                "(the DCLM eval bundle: core.yaml, eval_meta_data.csv, eval_data/)")
+        chance = read_baselines(baselines)
+        out = []
+        for i, entry in enumerate(read_yaml(spec).get("icl_tasks") or []):
+            sub = core_subtask(entry, spec, i, chance, baselines)
+            file = self.folder / "eval_data" / entry["dataset_uri"]
+            if not file.is_file():
+                raise UserError(f"{spec}: task {sub.label}: no file {file}")
+            rows = read_rows(file, lambda row, where, kind=sub.kind: core_row(row, kind), CORE_ROWS[sub.kind])
+            random.Random(1337).shuffle(rows)  # the reference's order: limit takes the same rows
+            sub.rows = rows[: self.config.limit] if self.config.limit else rows
+            if sub.num_fewshot >= len(sub.rows):  # the shots are drawn from the other rows kept
+                raise UserError(f"eval task {self.name}: {sub.label} shows {sub.num_fewshot} solved examples before "
+                                f"each row, drawn from the others of the {len(sub.rows)} kept: set "
+                                f"eval.tasks.{self.name}.limit to more than {sub.num_fewshot} (or leave it unset)")
+            out.append(sub)
+        if not out:
+            raise UserError(f"{spec}: no tasks: icl_tasks is an empty or missing list")
+        return out
+
+    def render(self, sub: CoreSubtask, tokenizer: Tokenizer, block_size: int) -> list[CoreExample]:
+        """Every example of a subtask as token rows: its prompts (few-shot examples drawn as the
+        reference draws them, from the other rows kept), each after the end-of-text token and cut
+        from the left to the block (as nanochat cuts GPT-2's to its 1024)."""
+        bos = tokenizer.eot_token
+        if bos is None:
+            raise UserError(f"eval task {self.name}: CORE's prompts start with the end-of-text token, which the "
+                            "model's vocabulary (characters) lacks")
+        out = []
+        for idx, item in enumerate(sub.rows):
+            shots = []
+            if sub.num_fewshot:
+                others = [i for i in range(len(sub.rows)) if i != idx]
+                shots = [sub.rows[i] for i in random.Random(1234 + idx).sample(others, sub.num_fewshot)]
+            tokens = [[bos, *tokenizer.encode(p)] for p in core_prompts(sub.kind, item, shots, sub.delimiter)]
+            if sub.kind == "multiple_choice":  # scored from where the choices' tokens part
+                starts = [common_length(tokens)] * len(tokens)
+            elif sub.kind == "schema":  # scored over the shared continuation: the common suffix
+                suffix = common_length([t[::-1] for t in tokens])
+                starts = [len(t) - suffix for t in tokens]
+            else:  # the continuation after the context's own tokens
+                without, tokens = tokens[0], tokens[1:]
+                if tokens[0][: len(without)] != without or len(without) >= len(tokens[0]):
+                    raise UserError(f"eval task {self.name}: {sub.label} row {idx} (after the shuffle): the context's "
+                                    "tokens are not a prefix of the context and continuation's")
+                starts = [len(without)]
+            rows = [(t[-block_size:], max(s - max(len(t) - block_size, 0), 1)) for t, s in zip(tokens, starts)]
+            out.append(CoreExample(rows, item.get("gold", -1), any(len(t) > block_size for t in tokens)))
+        return out
+
+
+def core_prompts(kind: str, item: dict, shots: list[dict], delimiter: str) -> list[str]:
+    """The reference's prompts (its jinja templates, written out): each solved shot and a blank
+    line, then the example once per choice (multiple choice) or context option (schema); for
+    language modelling the context alone (stripped) and the context with its continuation."""
+    d = delimiter
+    if kind == "multiple_choice":
+        head = "".join(f"{s['query']}{d}{s['choices'][s['gold']]}\n\n" for s in shots)
+        return [f"{head}{item['query']}{d}{choice}" for choice in item["choices"]]
+    if kind == "schema":
+        head = "".join(f"{s['context_options'][s['gold']]}{d}{s['continuation']}\n\n" for s in shots)
+        return [f"{head}{option}{d}{item['continuation']}" for option in item["context_options"]]
+    head = "".join(f"{s['context'].strip()}{d}{s['continuation']}\n\n" for s in shots)
+    without = f"{head}{item['context'].strip()}{d}"
+    return [without.strip(), without + item["continuation"]]
+
+
+def common_length(rows: list[list[int]]) -> int:
+    """How many first tokens all rows share."""
+    n = min(map(len, rows))
+    return next((i for i in range(n) if any(r[i] != rows[0][i] for r in rows)), n)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: not a mapping with an icl_tasks list")
+    return spec
+
+
+def read_baselines(path: Path) -> dict[str, float]:
+    """eval_meta_data.csv's random baseline (percent) of each task, by label."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
+        raise UserError(f"{path}: no 'Eval Task' and 'Random baseline' columns")
+    out = {}
+    for n, row in enumerate(rows, start=2):
+        try:
+            out[row["Eval Task"]] = float(row["Random baseline"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path}:{n}: Random baseline {row['Random baseline']!r} is not a number") from None
+    return out
+
+
+def core_subtask(entry, spec: Path, i: int, chance: dict[str, float], baselines: Path) -> CoreSubtask:
+    """One entry of core.yaml's icl_tasks, checked."""
+    where = f"{spec}: icl_tasks[{i}]"
+    if not isinstance(entry, dict) or not {"label", "dataset_uri", "num_fewshot", "icl_task_type"} <= set(entry):
+        raise UserError(f"{where}: an entry has label, dataset_uri, num_fewshot and icl_task_type")
+    label, kind, shots = entry["label"], entry["icl_task_type"], entry["num_fewshot"]
+    if not isinstance(entry["dataset_uri"], str):
+        raise UserError(f"{where} ({label}): dataset_uri {entry['dataset_uri']!r} is not a path under eval_data/")
+    if kind not in CORE_ROWS:
+        raise UserError(f"{where} ({label}): icl_task_type {kind!r} is not one of {', '.join(CORE_ROWS)}")
+    shots = shots[0] if isinstance(shots, list) and shots else shots  # a list: the first is used
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise UserError(f"{where} ({label}): num_fewshot {entry['num_fewshot']!r} is not a count (or a list of them)")
+    if label not in chance:
+        raise UserError(f"{baselines}: no row for task {label} (its Random baseline centres the score)")
+    return CoreSubtask(label, kind, shots, str(entry.get("continuation_delimiter", " ")), chance[label], [])
+
+
+def core_row(row, kind: str) -> dict:
+    """A row of a CORE task file, checked for its type's keys."""
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSON {type(row).__name__} where an example belongs")
+    texts, options = {"multiple_choice": (["query"], "choices"), "schema": (["continuation"], "context_options"),
+                      "language_modeling": (["context", "continuation"], None)}[kind]
+    for key in texts:
+        _text(row[key], key)
+    if options is None:
+        if not row["continuation"]:
+            raise ValueError("an empty continuation: nothing to score")
+        return row
+    if not isinstance(row[options], list) or len(row[options]) < 2:
+        raise TypeError(f"{options} is not a list of at least two strings")
+    for i, option in enumerate(row[options]):
+        _text(option, f"{options}[{i}]")
+    gold, n = row["gold"], len(row[options])
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < n:
+        raise ValueError(f"gold {gold!r} is not one of the {n} {options} (0 to {n - 1})")
+    return row
 
 
 def download(url: str, dest: Path, checksum: str | None) -> None:

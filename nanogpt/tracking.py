@@ -44,6 +44,12 @@ class Recorder:
         for tracker in self.trackers.values():
             tracker.log(record)
 
+    def rewind(self, last_iter: int) -> None:
+        """metrics.jsonl back to last_iter (a rollback); trackers keep what they were sent: the
+        iterations trained again are sent again."""
+        if self.metrics:
+            self.metrics.rewind(last_iter)
+
     def run_ids(self) -> dict[str, str]:
         return {name: t.run_id for name, t in self.trackers.items() if t.run_id is not None}
 

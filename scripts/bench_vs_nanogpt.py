@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir
 
 from nanogpt.config import TrainConfig, to_train_config
 from nanogpt.device import resolve_dtype
-from nanogpt.flops import measure_matmul_flops
+from nanogpt.flops import flops_per_token, measure_matmul_flops
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.prepare import prepare
 from nanogpt.rundir import read_metrics
@@ -162,8 +162,8 @@ def matmul_peak(dtype: str) -> float:
     return measure_matmul_flops(torch.device("cpu"), getattr(torch, dtype), seconds=1.0)
 
 
-def flops_per_token(w: Workload) -> int:
-    return GPT(GPTConfig(**w.model, vocab_size=65)).flops_per_token()
+def workload_flops_per_token(w: Workload) -> int:
+    return flops_per_token(GPT(GPTConfig(**w.model, vocab_size=65)))
 
 
 def ratio_cell(ours: list[Run], nano: list[Run]) -> str:
@@ -172,7 +172,7 @@ def ratio_cell(ours: list[Run], nano: list[Run]) -> str:
 
 
 def tables(w: Workload, res: Results, fast_label: str, fast_dtype: str, peaks: dict[str, float]) -> str:
-    fpt = flops_per_token(w)
+    fpt = workload_flops_per_token(w)
     tokens = w.batch_size * w.model["block_size"]
     rounds = len(res.runs["nanogpt"])
     lines = [

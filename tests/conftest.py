@@ -108,3 +108,25 @@ def train_run(tmp_path, data_root):
         return run_script("train.py", *args, cwd=tmp_path, **kwargs)
 
     return run
+
+
+def write_core_bundle(folder: Path, tasks: dict[str, dict]) -> Path:
+    """A CORE bundle in the DCLM layout (core.yaml, eval_meta_data.csv, eval_data/<uri>): tasks is
+    label -> {"kind", "fewshot", "baseline", "rows"[, "delimiter"]}."""
+    import json
+
+    import yaml
+
+    (folder / "eval_data" / "mine").mkdir(parents=True, exist_ok=True)
+    entries, csv_lines = [], ["Eval Task,Task Category,Task Type,#shots,Random baseline,Centered Metric?"]
+    for label, t in tasks.items():
+        uri = f"mine/{label}.jsonl"
+        (folder / "eval_data" / uri).write_text("".join(json.dumps(r) + "\n" for r in t["rows"]))
+        entry = {"label": label, "dataset_uri": uri, "num_fewshot": [t["fewshot"]], "icl_task_type": t["kind"]}
+        if "delimiter" in t:
+            entry["continuation_delimiter"] = t["delimiter"]
+        entries.append(entry)
+        csv_lines.append(f"{label},made up,{t['kind']},{t['fewshot']},{t['baseline']},yes")
+    (folder / "core.yaml").write_text(yaml.safe_dump({"icl_tasks": entries}))
+    (folder / "eval_meta_data.csv").write_text("\n".join(csv_lines + ["unused_task,x,x,0,50,yes"]) + "\n")
+    return folder

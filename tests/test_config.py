@@ -22,6 +22,8 @@ def test_every_group_option_composes(group, option, tmp_path):
     if (group, option) == ("data", "text"):
         (tmp_path / "notes.txt").write_text("some notes\n")
         overrides.append(f"data.source=[{tmp_path / 'notes.txt'}]")  # the one required key: files that exist
+    if (group, option) == ("data", "mix"):
+        overrides.append("data.mix={shakespeare_char:1,shakespeare:1}")  # the one required key: the sources
     config = to_train_config(compose_cfg(*overrides))
     assert config.max_iters >= 0 and config.model.n_embd % config.model.n_head == 0
 
@@ -109,5 +111,5 @@ def test_schemas_are_not_offered_as_options():
         proc = run_script(script, "--help", cwd=ROOT)
         assert "_schema" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout
         assert proc.stdout.startswith(f"python {script} ["), proc.stdout[:200]  # our page, not Hydra's
-    assert "model: baby, gpt2_large, gpt2_medium, gpt2_small, gpt2_xl, mini, modern, tiny" in run_script(
+    assert "model: baby, depth, gpt2_large, gpt2_medium, gpt2_small, gpt2_xl, mini, modern, tiny" in run_script(
         "train.py", "--help", cwd=ROOT).stdout

@@ -2,10 +2,12 @@
 computation, bits per byte against a hand computation, the download path against a local HTTP
 server, and the evaluations inside training, resumed, across ranks and in the eval command."""
 
+import csv
 import functools
 import http.server
 import json
 import math
+import random
 import subprocess
 import sys
 import threading
@@ -15,15 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
-from nanogpt.config import ChoiceTaskConfig
+import yaml
+from jinja2 import Template
+
+from conftest import ROOT, TINY, run_script, write_core_bundle
+from nanogpt.config import ChoiceTaskConfig, CoreConfig
 from nanogpt.distributed import DistInfo
 from nanogpt.errors import UserError
-from nanogpt.evaluation import bits_per_byte, multiple_choice, render_all
+from nanogpt.evaluation import bits_per_byte, core, multiple_choice, render_all
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.rundir import read_metrics
+from nanogpt.scoring import score_groups
 from nanogpt.shards import TokenStream, write_shard
-from nanogpt.tasks import ChoiceTask
+from nanogpt.tasks import ChoiceTask, CoreTask
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 # rows in the official HellaSwag layout (ctx, endings, label, and keys the scorer ignores)
@@ -281,3 +287,202 @@ def test_the_eval_and_prepare_commands_have_help_pages_of_their_own():
         assert cfg.hydra.help.template.startswith(first_line), cfg.hydra.help.template[:200]
         assert "$CONFIG" in cfg.hydra.help.template  # the keys, as composed
     assert cfg.hydra.output_subdir is None and cfg.hydra.run.dir == "."  # prepare writes no run folder
+
+
+def test_sharing_a_context_changes_no_score(hellaswag_file):
+    """Rows scored on top of their group's cached context equal each row scored alone (fp32,
+    1e-5), whatever the chunking: groups larger than a batch, rows alone, prefixes near the block."""
+    tok, model = TiktokenTokenizer("gpt2"), trained_gpt2_model()
+    rng = random.Random(0)
+    encoded = tok.encode(TEXT)
+    groups = []
+    for g in range(9):
+        context = encoded[: rng.randrange(1, 50)] if g % 3 else encoded[:62]  # some leave no room but the choice
+        groups.append([(context + encoded[s : s + rng.randrange(1, 64 - len(context) + 1)], len(context))
+                       for s in rng.sample(range(len(encoded) - 64), rng.randrange(1, 7))])
+    groups.append([(encoded[:20], 1)])  # scored from its second token: nothing to share
+    shared = score_groups(model, groups, 4, torch.device("cpu"), nullcontext(), DistInfo())
+    for rows, scores in zip(groups, shared):
+        for (tokens, start), s in zip(rows, scores):
+            x = torch.tensor(tokens)
+            with torch.no_grad():
+                logits, _ = model(x[None, :-1], x[None, 1:])
+            logp = torch.log_softmax(logits[0].float(), -1)[start - 1 :]
+            alone = -logp.gather(1, x[start:, None]).double().sum().item()
+            assert s.loss == pytest.approx(alone, abs=1e-5) and s.tokens == len(tokens) - start
+            assert s.greedy == bool((logp.argmax(-1) == x[start:]).all())
+
+
+# nanochat/core_eval.py's prompt templates, as it writes them: the reference below renders with them
+NANOCHAT_TEMPLATES = {
+    "multiple_choice": """
+{%- for example in fewshot_examples -%}
+{{ example.query }}{{ continuation_delimiter }}{{ example.choices[example.gold] }}
+
+{% endfor -%}
+{{ item.query }}{{ continuation_delimiter }}{{ choice }}""".strip(),
+    "schema": """
+{%- for example in fewshot_examples -%}
+{{ example.context_options[example.gold] }}{{ continuation_delimiter }}{{ example.continuation }}
+
+{% endfor -%}
+{{ context }}{{ continuation_delimiter }}{{ item.continuation }}""".strip(),
+    "language_modeling": """
+{%- for example in fewshot_examples -%}
+{{ example.context | trim }}{{ continuation_delimiter }}{{ example.continuation }}
+
+{% endfor -%}
+{{ item.context | trim }}{{ continuation_delimiter }}{% if include_continuation %}{{ item.continuation }}{% endif %}""".strip(),
+}
+
+
+def nanochat_core(model, enc, bundle, max_seq_len: int, max_per_task: int):
+    """CORE by nanochat's rules, written out with plain PyTorch, one example at a time: its files,
+    shuffle, few-shot draw, templates, token spans, left crop, forward and decisions."""
+    spec = yaml.safe_load((bundle / "core.yaml").read_text())
+    with open(bundle / "eval_meta_data.csv") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    decisions, centered = {}, {}
+    for task in spec["icl_tasks"]:
+        kind, k, delim = task["icl_task_type"], task["num_fewshot"][0], task.get("continuation_delimiter", " ")
+        data = [json.loads(line) for line in (bundle / "eval_data" / task["dataset_uri"]).read_text().splitlines()]
+        random.Random(1337).shuffle(data)
+        data = data[:max_per_task]
+        template, picks = Template(NANOCHAT_TEMPLATES[kind]), []
+        for idx, item in enumerate(data):
+            shots = [data[i] for i in random.Random(1234 + idx).sample([i for i in range(len(data)) if i != idx], k)] if k else []
+            args = {"fewshot_examples": shots, "continuation_delimiter": delim, "item": item}
+            if kind == "multiple_choice":
+                prompts = [template.render(choice=c, **args) for c in item["choices"]]
+            elif kind == "schema":
+                prompts = [template.render(context=c, **args) for c in item["context_options"]]
+            else:
+                prompts = [template.render(include_continuation=False, **args).strip(),
+                           template.render(include_continuation=True, **args)]
+            tokens = [[enc.eot_token] + enc.encode_ordinary(p) for p in prompts]
+            if kind == "multiple_choice":
+                n = next((i for i in range(min(map(len, tokens))) if len({t[i] for t in tokens}) > 1), min(map(len, tokens)))
+                spans = [(n, len(t)) for t in tokens]
+            elif kind == "schema":
+                n = next((i for i in range(min(map(len, tokens))) if len({t[-1 - i] for t in tokens}) > 1), min(map(len, tokens)))
+                spans = [(len(t) - n, len(t)) for t in tokens]
+            else:
+                assert tokens[1][: len(tokens[0])] == tokens[0]
+                spans, tokens = [(len(tokens[0]), len(tokens[1]))], tokens[1:]
+            crop = [max(len(t) - max_seq_len, 0) for t in tokens]
+            tokens = [t[c:] for t, c in zip(tokens, crop)]
+            spans = [(s - c, e - c) for (s, e), c in zip(spans, crop)]
+            ids = torch.full((len(tokens), max(map(len, tokens))), enc.eot_token)  # padded with BOS, as nanochat
+            for i, t in enumerate(tokens):
+                ids[i, : len(t)] = torch.tensor(t)
+            with torch.no_grad():
+                logits, _ = model(ids, torch.roll(ids, -1, 1))
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.roll(ids, -1, 1).flatten(),
+                                                       reduction="none").view_as(ids)
+            if kind == "language_modeling":
+                (s, e), = spans
+                picks.append(bool((logits.argmax(-1)[0, s - 1 : e - 1] == ids[0, s:e]).all()))
+                correct = picks[-1]
+            else:
+                means = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+                picks.append(means.index(min(means)))
+                correct = picks[-1] == item["gold"]
+            decisions.setdefault(task["label"], []).append(correct)
+        accuracy = sum(decisions[task["label"]]) / len(data)
+        chance = 0.01 * baselines[task["label"]]
+        centered[task["label"]] = (accuracy - chance) / (1 - chance)
+        decisions[task["label"]] = picks
+    return decisions, centered, sum(centered.values()) / len(centered)
+
+
+def core_fixture_tasks(model, enc) -> dict:
+    """One CORE task of each type on Shakespeare's lines; the language-modelling rows include
+    continuations the model gets right (its own greedy next word) and ones it gets wrong."""
+    words = TEXT.split()
+    mc = [{"query": " ".join(words[i : i + 5]) + ":", "choices": [words[i + 5], words[i + 9], "a fish", "the end"],
+           "gold": i % 4} for i in range(9)]
+    mc.insert(0, {"query": " ".join(words * 2), "choices": ["yes", "no"], "gold": 1})  # longer than the block: cut
+    schema = [{"context_options": [" ".join(words[i : i + 4]), " ".join(words[i + 7 : i + 10])],
+               "continuation": " ".join(words[i + 4 : i + 7]), "gold": i % 2} for i in range(7)]
+    lm = []
+    for i in range(6):
+        context = " ".join(words[i : i + 6]) + ("  " if i % 2 else "")  # trailing spaces: trimmed by the template
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([[enc.eot_token] + enc.encode_ordinary(context.strip())]))
+        greedy = enc.decode([int(logits[0, -1].argmax())])
+        right = greedy.startswith(" ") and greedy[1:].isalpha() and i % 3 != 2
+        lm.append({"context": context, "continuation": greedy[1:] if right else words[i + 8]})
+    return {"mc_two_shot": {"kind": "multiple_choice", "fewshot": 2, "baseline": 25.0, "rows": mc},
+            "schema_one_shot": {"kind": "schema", "fewshot": 1, "baseline": 50.0, "rows": schema},
+            "lm_zero_shot": {"kind": "language_modeling", "fewshot": 0, "baseline": 0.0, "rows": lm, "delimiter": " "}}
+
+
+def test_core_equals_nanochats_rules_one_example_at_a_time(tmp_path):
+    tok, trained = TiktokenTokenizer("gpt2"), trained_gpt2_model()
+    model = GPT(GPTConfig(**vars(trained.config)))
+    model.load_state_dict(trained.state_dict())
+    model.double().eval()
+    bundle = write_core_bundle(tmp_path / "eval_bundle", core_fixture_tasks(model, tok.enc))
+    task = CoreTask(CoreConfig(path=str(bundle), limit=9), "core", "/nonexistent")  # 9: one of mc's 10 rows left out
+    subtasks = task.subtasks()
+    rendered = [task.render(sub, tok, 64) for sub in subtasks]
+    result = core(model, subtasks, rendered, 5, torch.device("cpu"), nullcontext(), DistInfo())
+    decisions, centered, core_score = nanochat_core(model, tok.enc, bundle, 64, 9)
+
+    assert {label: list(picked.values()) for label, picked in result.picked.items()} == decisions
+    assert result.centered == pytest.approx(centered, abs=1e-12)
+    assert result.metrics("core")["core"] == pytest.approx(core_score, abs=1e-12)
+    assert {sub.label: len(sub.rows) for sub in subtasks} == {"mc_two_shot": 9, "schema_one_shot": 7, "lm_zero_shot": 6}
+    assert True in decisions["lm_zero_shot"] and False in decisions["lm_zero_shot"]  # the rule is exercised both ways
+    assert result.counts["mc_two_shot"]["cut"] >= 1  # the long row (and its few-shot neighbours) cut to the block
+
+
+GOOD_CORE = {"mc": {"kind": "multiple_choice", "fewshot": 0, "baseline": 25.0,
+                    "rows": [{"query": "Q", "choices": ["a", "b"], "gold": 1}] * 3}}
+
+
+def break_bundle(bundle, case: str) -> str:
+    """Break a good bundle one way; the start of the one line expected about it."""
+    task_file = bundle / "eval_data" / "mine" / "mc.jsonl"
+    if case == "missing task file":
+        task_file.unlink()
+        return f"{bundle / 'core.yaml'}: task mc: no file {task_file}"
+    if case == "gold outside the choices":
+        task_file.write_text('{"query": "Q", "choices": ["a", "b"], "gold": 1}\n{"query": "Q", "choices": ["a", "b"], "gold": 2}\n')
+        return f"{task_file}:2: gold 2 is not one of the 2 choices (0 to 1); a row is"
+    if case == "no baseline":
+        (bundle / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nother,25\n")
+        return f"{bundle / 'eval_meta_data.csv'}: no row for task mc"
+    if case == "unknown task type":
+        (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("multiple_choice", "ranking"))
+        return f"{bundle / 'core.yaml'}: icl_tasks[0] (mc): icl_task_type 'ranking' is not one of"
+    if case == "more shots than rows":
+        (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("- 0", "- 3"))
+        return "eval task core: mc shows 3 solved examples before each row, drawn from the others of the 3 kept"
+    (bundle / "core.yaml").unlink()
+    return "eval task core: no core.yaml in eval.tasks.core.path="
+
+
+@pytest.mark.parametrize("case", ["missing task file", "gold outside the choices", "no baseline", "unknown task type",
+                                  "more shots than rows", "no core.yaml"])
+def test_a_broken_core_bundle_is_one_line(tmp_path, case):
+    bundle = write_core_bundle(tmp_path / "eval_bundle", GOOD_CORE)
+    expected = break_bundle(bundle, case)
+    with pytest.raises(UserError) as e:
+        CoreTask(CoreConfig(path=str(bundle)), "core", "/nonexistent").subtasks()
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+def test_core_and_lm_eval_refuse_a_vocabulary_without_end_of_text(tmp_path, tiny_config):
+    from nanogpt.config import LmEvalConfig
+    from nanogpt.tasks import LmEvalTask
+
+    task = CoreTask(CoreConfig(path=str(write_core_bundle(tmp_path / "b", GOOD_CORE))), "core", "/nonexistent")
+    with pytest.raises(UserError, match="eval task core: CORE's prompts start with the end-of-text token"):
+        task.render(task.subtasks()[0], CharTokenizer("Qab "), 64)
+    with pytest.raises(UserError, match="eval task lm_eval: lm-eval's requests start from the end-of-text token"):
+        LmEvalTask(LmEvalConfig(tasks=["x"]), "lm_eval", "/nonexistent").load(CharTokenizer("Qab "))
+    with pytest.raises(UserError, match=r"set eval.tasks.core.path=<folder>"):
+        tiny_config("eval=[core]")
+    with pytest.raises(UserError, match=r"eval.tasks.core.path: /no/bundle does not exist"):
+        tiny_config("eval=[core]", "eval.tasks.core.path=/no/bundle")

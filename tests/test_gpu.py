@@ -124,3 +124,25 @@ def test_bench_reports_mfu_against_the_cards_published_peak(tmp_path):
     assert r["mfu_published"] == pytest.approx(r["achieved_tflops"] / r["published_peak_tflops"])
     assert 0 < r["mfu_published"] < 1 and 0 < r["mfu_measured"] < 1 and r["measured_peak_tflops"] > 0
     assert r["peak_memory_mb"] > 0
+
+
+def test_document_masks_run_on_flex_attention_under_compile_with_the_eager_logits(monkeypatch):
+    """model.doc_mask on CUDA: eager runs SDPA with a block-diagonal mask, compiled runs
+    flex_attention with a BlockMask; the logits agree."""
+    import nanogpt.model
+    from nanogpt.model import GPT, GPTConfig
+
+    flex_calls = []
+    flex = nanogpt.model.flex_attention
+    monkeypatch.setattr(nanogpt.model, "flex_attention", lambda *a, **kw: flex_calls.append(1) or flex(*a, **kw))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=100, n_layer=2, n_head=4, n_embd=64, doc_mask=True)).cuda().eval()
+    idx = torch.randint(0, 100, (2, 256), device="cuda")
+    lengths = [[100, 56, 100], [1, 200, 55]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).cuda()
+    eager, _ = model(idx, idx, positions=positions)
+    assert not flex_calls
+    compiled, _ = torch.compile(model)(idx, idx, positions=positions)
+    assert flex_calls
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

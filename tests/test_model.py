@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nanogpt.flops import params
 from nanogpt.model import GPT, GPTConfig
 
 
@@ -32,7 +33,7 @@ def test_gpt2_small_parameter_count():
     with torch.device("meta"):  # no memory, no init cost
         model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, bias=True))
     # as Hugging Face counts GPT-2: tied head once, position embeddings included
-    assert model.get_num_params(non_embedding=False) == 124_439_808
+    assert params(model) == 124_439_808
 
 
 def test_residual_projections_use_scaled_init():
@@ -67,3 +68,22 @@ def test_generate_extends_and_respects_top_k():
 def test_invalid_head_count_is_rejected():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=100, n_head=3)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_a_packed_window_gives_each_document_the_logits_it_gets_alone(pos_emb):
+    """model.doc_mask: with each token's place in its document, attention stays inside documents
+    and positions restart at each, so a window of several documents is each of them run alone."""
+    model = tiny(pos_emb=pos_emb, doc_mask=True).eval()
+    lengths = [[5, 9, 2], [16], [1, 7, 8]]
+    idx = torch.randint(0, 50, (3, 16))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    logits, _ = model(idx, idx, positions=positions)
+    for b, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            alone, _ = model(idx[b : b + 1, at : at + n], idx[b : b + 1, at : at + n])
+            torch.testing.assert_close(logits[b, at : at + n], alone[0], atol=1e-5, rtol=0)
+            at += n
+    # without positions, a window is one document, as before
+    assert not torch.allclose(model(idx, idx)[0][0, 5:14], logits[0, 5:14], atol=1e-3)

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import ROOT, compose_cfg
 from nanogpt.config import MuonConfig, WSDScheduleConfig, to_train_config
+from nanogpt.flops import params
 from nanogpt.model import GPT, MLP, CausalSelfAttention, GPTConfig, Rotary, make_norm
 from nanogpt.optim import Muon, build_muon
 
@@ -33,8 +34,8 @@ def test_all_options_together_keep_shapes_and_train():
     model = tiny(**MODERN)
     assert "wpe" not in model.transformer  # rotary replaces the learned positions
     assert model.lm_head.weight is not model.transformer.wte.weight
-    n_tied = tiny().get_num_params(non_embedding=False) - 16 * 32  # the same model's size without wpe
-    assert model.get_num_params(non_embedding=False) > n_tied  # the untied head adds vocab x n_embd
+    n_tied = params(tiny()) - 16 * 32  # the same model's size without wpe
+    assert params(model) > n_tied  # the untied head adds vocab x n_embd
     idx = torch.randint(0, 50, (3, 16))
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 50) and logits.dtype == torch.float32

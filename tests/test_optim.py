@@ -5,6 +5,7 @@ import pytest
 
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.config import AdamWConfig, CosineScheduleConfig, WSDScheduleConfig
+from nanogpt.flops import params
 from nanogpt.optim import build_adamw, cosine_schedule, wsd_schedule
 
 
@@ -35,5 +36,5 @@ def test_adamw_decays_only_2d_weights():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    assert n_opt == model.get_num_params(non_embedding=False)  # every parameter once, tied head too
+    assert n_opt == params(model)  # every parameter once, tied head too
     assert opt.defaults["fused"] is True  # fused AdamW on CPU since PyTorch 2.4

@@ -60,6 +60,8 @@ def test_basic_sweep_writes_a_summary_and_the_command_rebuilds_it(seeded_sweep, 
     for row in rows:  # a column per task metric: its last value
         assert float(row["bpb"]) == [m for m in read_metrics(sweep_dir / row["job"]) if m["kind"] == "tasks"][-1]["bpb"]
     assert " bpb " in proc.stdout
+    header = (sweep_dir / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[4:5] == ["bpb"] and header.count("flops") == 1  # a task record's counters are no task metric
     by_bpb = subprocess.run([sys.executable, "-m", "nanogpt.sweep", str(sweep_dir), "--sort", "bpb"],
                             capture_output=True, text=True, check=True)
     assert [r["job"] for r in summary(sweep_dir)] == [r["job"] for r in sorted(rows, key=lambda r: float(r["bpb"]))]

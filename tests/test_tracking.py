@@ -76,11 +76,14 @@ def test_offline_wandb_run_has_config_summary_and_resumes_the_same_run(train_run
 
     # metrics.jsonl: the documented keys, iterations in order
     records = read_metrics(run_dir)
-    train_keys = {"iter", "kind", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu", "tokens", "train_time_s",
-                  "mem_peak_mb"}
+    train_keys = {"iter", "kind", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_s", "mfu", "tokens", "flops",
+                  "train_time_s", "mem_peak_mb"}
     assert all(set(r) == train_keys for r in records if r["kind"] == "train")
     evals = [r for r in records if r["kind"] == "eval"]
-    assert all(set(r) == {"iter", "kind", "train_loss", "val_loss", "tokens", "train_time_s"} for r in evals)
+    assert all(set(r) == {"iter", "kind", "train_loss", "val_loss", "tokens", "flops", "train_time_s"} for r in evals)
+    assert [set(r) for r in records if r["kind"] == "start"] == [{"iter", "kind", "params", "params_non_embedding",
+                                                                  "flops_per_token", "tokens_per_iter", "max_iters",
+                                                                  "tokens", "flops", "train_time_s"}]
     iters = [r["iter"] for r in records]
     assert iters == sorted(iters) and iters[-1] == 20
 
