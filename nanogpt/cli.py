@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nanogpt import distributed
+from nanogpt import distributed, transfer
 from nanogpt.config import BUILDERS
 from nanogpt.errors import Interrupted, UserError
 from nanogpt.rundir import RunInfo, writer_lock
@@ -189,6 +189,9 @@ def run_cli(main: Callable[[], object], conf_dir: Path | None = None, follower: 
     same config with Hydra's compose API and call follower: no run folder or logs of their own."""
     try:
         sys.argv, resumed = expand_resume(sys.argv, conf_dir, config_name)
+        if not resumed and any(a.startswith(f"{transfer.KEY}=") for a in sys.argv[1:]):
+            flags, ours = split_flags(sys.argv[1:])
+            sys.argv = [sys.argv[0], *flags, *transfer.transfer_overrides(ours), *ours]
         if follower is not None and distributed.torchrun_env() and int(os.environ["RANK"]) > 0:
             follower(compose_command(sys.argv, conf_dir, config_name))
         else:

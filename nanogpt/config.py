@@ -335,6 +335,7 @@ class TrainConfig:
     bench: Any = None  # bench.py's own keys, typed by its schema in conf/bench.yaml; empty for training
 
     init_from: str = "scratch"  # scratch | resume | gpt2* | a path (run folder, ckpt.pt, HF folder)
+    transfer_from: str | None = None  # an Optuna search's folder: its best parameters, set before the command's (nanogpt.transfer)
     max_iters: int = valid(2000, NON_NEGATIVE)
     # a run's length as a compute budget (docs/scaling.md): either one sets max_iters from the model's size
     tokens_per_param: float | None = valid(None, POSITIVE)  # train on this many tokens per parameter N (Chinchilla: ~20)
@@ -356,6 +357,9 @@ class TrainConfig:
     extensions: list[str] = valid(check=MODULES, default_factory=list)  # your packages: targets a run folder names may import them
 
     RULES: ClassVar[list[Rule]] = [
+        ("model.parametrization=mup scales Adam-type updates (optim=adamw or your own); Muon's orthogonalised "
+         "updates need another width rule, not implemented (docs/mup.md)",
+         lambda c: getattr(c.model, "parametrization", "sp") != "mup" or getattr(c.optim, "_target_", "") != MuonConfig._target_),
         ("eval.ema=true scores the EMA weights: set ema_decay > 0", lambda c: not c.eval.ema or c.ema_decay > 0),
         ("tokens_per_param and flops_budget both set the run's length: set one",
          lambda c: c.tokens_per_param is None or c.flops_budget is None),

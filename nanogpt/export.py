@@ -7,7 +7,8 @@ merges.txt) for the GPT-2 BPE, a tokenizer.json for a BPE trained on the data (d
 both read by `AutoTokenizer` with the ids the run used; a character vocabulary has none. A nanoGPT
 checkpoint records no vocabulary: one of GPT-2's size is taken as GPT-2's BPE (as sample.py does). The run's best.pt is taken when there is one, else ckpt.pt.
 A run without biases exports zero biases (Hugging Face's GPT-2 always has them); settings GPT-2
-cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refused.
+cannot express (rotary positions, RMSNorm, QK-norm, logit soft-capping) are refused. A muP run
+is exported with its multipliers folded into the weights (GPT.as_sp): the same logits.
 """
 
 import argparse
@@ -120,6 +121,7 @@ def export(run: Path, out: Path, weights: str = "raw") -> tuple[list[str], str |
         model, meta = checkpoint_model(Path(run), weights)  # nanogpt's GPT only: another class has no GPT-2 form
     except NotTrusted as e:
         raise UserError(f"cannot export {run} as GPT-2: its model is {e.target}, not nanogpt's GPT") from None
+    model = model.as_sp()  # muP's multipliers folded into the weights: GPT-2 has none
     bad = not_in_gpt2(model.config)
     if bad:
         raise UserError(f"cannot export {run} as GPT-2: {', '.join(bad)} has no equivalent in GPT-2's format")

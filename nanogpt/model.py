@@ -3,9 +3,11 @@
 Pure PyTorch: this file knows nothing about Hydra, files or training. Defaults are GPT-2's.
 References: GPT-2 (Radford et al. 2019), nanoGPT (Karpathy), rotary embeddings (Su et al. 2021),
 QK-norm (Dehghani et al. 2023), ReLU^2 (So et al. 2021), logit soft-capping (Gemma 2),
-document masking (doc_mask: attention within each document of a packed window, as Llama 3).
+document masking (doc_mask: attention within each document of a packed window, as Llama 3),
+the maximal-update parametrization (muP: Yang et al. 2022, Tensor Programs V; docs/mup.md).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -44,6 +46,9 @@ class GPTConfig:
     aspect_ratio: int | None = valid(None, POSITIVE)  # with depth: width per layer (model=depth: 64)
     head_dim: int | None = valid(None, POSITIVE)  # with depth: channels per head, n_head = n_embd / head_dim (model=depth: 64)
     doc_mask: bool = False  # the trainer feeds each token's place in its document: attention within documents only
+    parametrization: str = valid("sp", OneOf("sp", "mup"))  # sp: GPT-2's; mup: rates tuned at mup_base_width transfer (docs/mup.md)
+    mup_base_width: int | None = valid(None, POSITIVE)  # the width at which muP is SP; None: this n_embd
+    mup_zero_readout: bool = False  # muP: the untied LM head starts at zero (microsoft/mup's usual choice)
     _target_: str = "nanogpt.model.GPT"  # the model class this config builds; a user's own subclass: docs/extend.md
 
     # rules that join keys; {prefix} is where the config sits ("model." in a run's config)
@@ -52,7 +57,20 @@ class GPTConfig:
          lambda c: None in (c.n_embd, c.n_head) or c.n_embd % c.n_head == 0),
         ("{prefix}aspect_ratio and head_dim size a model by its depth: set {prefix}depth too (model=depth)",
          lambda c: c.depth is not None or (c.aspect_ratio is None and c.head_dim is None)),
+        ("{prefix}mup_base_width ({c.mup_base_width}) must be divisible by n_head ({c.n_head}): muP's base head size",
+         lambda c: None in (c.mup_base_width, c.n_head) or c.mup_base_width % c.n_head == 0),
+        ("{prefix}mup_base_width and mup_zero_readout are muP's: set {prefix}parametrization=mup",
+         lambda c: c.parametrization == "mup" or (c.mup_base_width is None and not c.mup_zero_readout)),
+        ("{prefix}mup_zero_readout=true zeroes the LM head, which tied embeddings share with the token embedding: "
+         "set {prefix}tie_embeddings=false", lambda c: not (c.mup_zero_readout and c.tie_embeddings)),
     ]
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier n_embd / mup_base_width (1 under SP and at the base width)."""
+        if self.parametrization != "mup" or self.mup_base_width is None:
+            return 1.0
+        return self.n_embd / self.mup_base_width
 
     def __post_init__(self):
         try:
@@ -148,6 +166,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         head_dim = config.n_embd // config.n_head
+        # scores x 1/sqrt(d) (SP); muP: sqrt(d_base)/d, which keeps q.k's scale as q and k align
+        # while training, and is 1/sqrt(d) at the base width (d_base = head size there)
+        self.scale = None if config.parametrization == "sp" else 1.0 / math.sqrt(head_dim) / math.sqrt(config.width_mult)
         # key, query, value projections for all heads, in one batch
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -173,9 +194,9 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         if cache is not None:
             k, v, visible = cache.update(layer, k, v)  # every cached token: (B, nh, L, hs); (B, 1, T, L)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
         elif isinstance(mask, BlockMask):  # documents, on CUDA under torch.compile: only their blocks computed
-            y = flex_attention(q, k, v, block_mask=mask)
+            y = flex_attention(q, k, v, block_mask=mask, scale=self.scale)
         elif self.attn_dropout.draws_own_mask(q):
             # SDPA's math path (which dropout forces on CPU anyway), with the mask drawn on all threads
             # scaling q (not q k^T) and adding the mask (not filling it in) leave less work for backward
@@ -183,12 +204,13 @@ class CausalSelfAttention(nn.Module):
                 causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
             else:  # documents: -inf outside each one's causal block
                 causal = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
-            att = ((q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
+            att = ((q * (self.scale or 1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + causal).softmax(dim=-1)
             y = self.attn_dropout(att) @ v
         else:
             # fused attention kernels where the device has them; dropout on CPU forces the unfused math path
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=mask is None
+                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout.p if self.training else 0.0, is_causal=mask is None,
+                scale=self.scale,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -250,6 +272,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         self._init_residual_projections()
+        if config.parametrization == "mup":
+            self._init_mup()
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: Linear and Embedding weights N(0, 0.02), biases zero; norms keep ones/zeros."""
@@ -273,6 +297,19 @@ class GPT(nn.Module):
         if self.config.zero_init_proj and not self.config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
 
+    @torch.no_grad()
+    def _init_mup(self) -> None:
+        """muP's init on top of SP's, equal to it at the base width: hidden matrices' variance
+        x base/width (variance proportional to 1/fan_in: all their fan-ins grow with the width);
+        embeddings, vectors and the stored readout as SP (the logits' multiplier carries the
+        width), or a zero readout (mup_zero_readout)."""
+        for g in default_param_groups(self):
+            if g.kind == "hidden":
+                for p in g.params:
+                    p.mul_(1.0 / math.sqrt(self.config.width_mult))
+        if self.config.mup_zero_readout:
+            nn.init.zeros_(self.lm_head.weight)
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The repeated layers: FSDP shards each, activation checkpointing wraps each."""
@@ -280,8 +317,39 @@ class GPT(nn.Module):
 
     def param_groups(self) -> list[ParamGroup]:
         """How every optimizer treats each parameter (nanogpt.protocol.ParamGroup): 2-D weights
-        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon."""
-        return default_param_groups(self)
+        decay, 1-D ones do not; embeddings and the head stay with AdamW under Muon. muP (Adam's
+        rule): hidden matrices' rate x base/width and their decay x width/base, so that AdamW's
+        per-step shrink (rate x decay) stays put, as microsoft/mup's MuAdamW; the rest at the
+        option's rate."""
+        groups = default_param_groups(self)
+        m = self.config.width_mult
+        if self.config.parametrization == "mup":
+            for g in groups:
+                if g.kind == "hidden":
+                    g.lr_scale, g.weight_decay_scale = 1.0 / m, g.weight_decay_scale * m
+        return groups
+
+    @torch.no_grad()
+    def as_sp(self) -> "GPT":
+        """The same function in SP form, for formats that know only SP (GPT-2's): muP's
+        multipliers folded into the weights. The queries (or, with QK-norm, their gains) take the
+        attention scale's sqrt(d_base/d), the LM head the logits' base/width; a tied head that
+        must change is untied. Exact up to rounding."""
+        c = self.config
+        if c.parametrization == "sp":
+            return self
+        m, tied = c.width_mult, c.tie_embeddings and c.width_mult == 1
+        sp = GPT(dataclasses.replace(c, parametrization="sp", mup_base_width=None, mup_zero_readout=False, tie_embeddings=tied))
+        sp.load_state_dict(self.state_dict(), strict=False)  # an untied copy takes both names of a tied weight
+        sp.lm_head.weight.mul_(1.0 / m)
+        for block in sp.transformer.h:
+            attn = block.attn
+            targets = [attn.q_norm.weight, getattr(attn.q_norm, "bias", None)] if attn.q_norm is not None else \
+                [attn.c_attn.weight[: c.n_embd], attn.c_attn.bias[: c.n_embd] if attn.c_attn.bias is not None else None]
+            for t in targets:
+                if t is not None:
+                    t.mul_(1.0 / math.sqrt(m))
+        return sp
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None,
                 positions: torch.Tensor | None = None):
@@ -316,6 +384,8 @@ class GPT(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
+        if self.config.parametrization == "mup":
+            logits = logits * (1.0 / self.config.width_mult)  # muP's readout multiplier (mup's MuReadout)
         if self.config.logit_softcap > 0:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits.float() / c)

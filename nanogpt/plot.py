@@ -2,6 +2,8 @@
 
     python -m nanogpt.plot outputs/2026-11-25/10-00-00    # loss.png, lr.png (tasks.png) in the run folder
     python -m nanogpt.plot multirun/2026-11-25/11-02-13   # val_loss.png (tasks.png, cells.png): every job's
+    python -m nanogpt.plot multirun/A multirun/B --x optim.learning_rate --by model.n_embd --out lr.png
+                                # final val loss against a swept key, a line per value of another, a panel per sweep
 
 A mixture's val loss per source (data=mix) is drawn beside the run's, and a sweep of mixtures
 gets val_loss_sources.png: a panel per source, a line per job.
@@ -167,6 +169,30 @@ def plot(folder: Path, over: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def swept_figure(sweeps: list[Path], x: str, by: str, metric: str = "final_val_loss") -> tuple[Figure, list[str]]:
+    """A panel per sweep: its jobs' metric against the swept key x (log scale), a line per value
+    of `by`, each line's best point ringed; and a line of text per curve naming its best x."""
+    fig = Figure(figsize=(5.5 * len(sweeps), 4.2), layout="constrained")
+    axes, lines = fig.subplots(1, len(sweeps), sharey=True, squeeze=False)[0], []
+    for ax, sweep in zip(axes, sweeps):
+        curves: dict[float, list[tuple[float, float]]] = {}
+        for row in summarize(Path(sweep)):
+            values = dict(o.split("=", 1) for o in row["overrides"] if "=" in o)
+            if row.get(metric) is not None and x in values and by in values:
+                curves.setdefault(float(values[by]), []).append((float(values[x]), float(row[metric])))
+        for value, points in sorted(curves.items()):
+            points.sort()
+            best = min(points, key=lambda p: p[1])
+            line = ax.plot(*zip(*points), marker="o", label=f"{by}={value:g}")[0]
+            ax.plot(*best, marker="o", ms=12, mfc="none", color=line.get_color())
+            lines.append(f"{sweep}: {by}={value:g}: best {x}={best[0]:g} ({metric} {best[1]:.4f})")
+        ax.set(xscale="log", xlabel=x, title=Path(sweep).name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel(metric.replace("_", " "))
+    return fig, lines
+
+
 def _line(ax: Axes, records: list[dict], x: str, y: str, label: str, **style) -> None:
     points = [(r[x], r[y]) for r in records if x in r and y in r]
     if points:
@@ -190,7 +216,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanogpt.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or sweep (multirun) folders")
     parser.add_argument("--over", help="the keys a sweep's cells vary in, comma-separated (default: system.seed)")
+    parser.add_argument("--x", help="sweeps' final val loss against this swept key (with --by and --out)")
+    parser.add_argument("--by", help="with --x: a line per value of this key")
+    parser.add_argument("--out", type=Path, help="with --x: the PNG to write")
     args = parser.parse_args(argv)
+    if args.x:
+        if not (args.by and args.out):
+            parser.error("--x needs --by and --out")
+        fig, lines = swept_figure(args.folders, args.x, args.by)
+        fig.savefig(args.out, dpi=110)
+        print("\n".join([*lines, str(args.out)]))
+        return
     for folder in args.folders:
         try:
             paths = plot(folder, args.over.split(",") if args.over else None)

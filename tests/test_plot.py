@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sp
 
 from conftest import ROOT
-from nanogpt.plot import run_figures, sweep_figures
+from nanogpt.plot import run_figures, swept_figure, sweep_figures
 from nanogpt.rundir import read_metrics
 from nanogpt.runs import overrides
 
@@ -113,3 +113,19 @@ def test_plot_of_a_folder_without_runs_is_an_error(tmp_path):
     proc = plot_command(tmp_path)
     assert proc.returncode == 2
     assert proc.stderr == f"error: {tmp_path}: no metrics.jsonl in it or in folders below it: not a run or sweep folder\n"
+
+
+def test_final_loss_against_a_swept_key(sweep, tmp_path):
+    """A line per seed, the loss at each learning rate as summary.csv gives it, the best ringed."""
+    import csv
+
+    fig, lines = swept_figure([sweep], "optim.learning_rate", "system.seed")
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    for seed in (1, 2, 3):
+        mine = [r for r in rows if f"system.seed={seed}" in r["overrides"].split()]
+        best = min(mine, key=lambda r: float(r["final_val_loss"]))
+        rate = next(o.split("=")[1] for o in best["overrides"].split() if o.startswith("optim.learning_rate="))
+        assert f"{sweep}: system.seed={seed}: best optim.learning_rate={float(rate):g} " \
+               f"(final_val_loss {float(best['final_val_loss']):.4f})" in lines
+    curves = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("system.seed=")]
+    assert len(curves) == 3 and all(list(c.get_xdata()) == [0.001, 0.002] for c in curves)
