@@ -324,13 +324,16 @@ def roll_back(spike: Spike, config: TrainConfig, state: TrainState, checkpointer
 
 def due(it: int, interval: int, start_iter: int, config: TrainConfig) -> bool:
     """Whether an evaluation run every `interval` iterations runs at iteration it: at its multiples
-    (not the one a resumed run starts at, done before that checkpoint), at the last iteration, and
-    always with eval_only. interval 0: only with eval_only."""
+    and at the last iteration, but not at the one a resumed run starts at (done before that
+    checkpoint, the last iteration's too: a run killed after its final save adds no second record),
+    and always with eval_only. interval 0: only with eval_only."""
     if config.eval_only:
         return True
     if not interval:
         return False
-    return it == config.max_iters or (it % interval == 0 and (it > start_iter or (it == 0 and config.eval_at_start)))
+    if start_iter > 0 and it == start_iter:
+        return False
+    return it == config.max_iters or (it % interval == 0 and (it > 0 or config.eval_at_start))
 
 
 @dataclasses.dataclass
